@@ -1,0 +1,6 @@
+//! Tally keeps SQL-defined aggregates of a PostgreSQL database exactly right
+//! in a target database, from change events delivered late, twice and out
+//! of order. See `DESIGN.md` for the architecture.
+
+pub mod event;
+pub mod views;

@@ -1,0 +1,1 @@
+//! Views declared in SQL (`CREATE MATERIALIZED VIEW … AS SELECT …`).
