@@ -4,3 +4,7 @@
 
 pub mod event;
 pub mod views;
+pub mod apply;
+pub mod catalog;
+pub mod config;
+pub mod db;

@@ -1,0 +1,265 @@
+//! The target side of apply: one transaction per batch that locks, guards,
+//! writes the ledger and the view deltas, then commits. SQL lives in the
+//! constants below; values are always bound as parameters.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+use tokio_postgres::{Statement, Transaction};
+
+use super::core::{transition, Coalesced, LedgerRow, RowId, Verdict};
+use super::{ApplyStats, DeadLetter, Model};
+use crate::event::{OrderKey, Row, TableName};
+
+pub const LOCK_WATERMARK_SHARED: &str =
+    "SELECT commit_lsn, lsn FROM tally.watermarks WHERE tbl = $1 FOR SHARE";
+pub const LOCK_WATERMARK_EXCLUSIVE: &str =
+    "SELECT commit_lsn, lsn FROM tally.watermarks WHERE tbl = $1 FOR UPDATE";
+
+/// Locks the batch's ledger rows in key order, creating an absent
+/// placeholder (key zero) for rows never seen, so a row's first two
+/// changes cannot race past each other. Returns what was stored.
+pub const LOCK_LEDGER_ROWS: &str = "
+INSERT INTO tally.ledger AS l (tbl, pk, commit_lsn, lsn, deleted, cols)
+SELECT k.tbl, k.pk, 0, 0, true, NULL
+FROM unnest($1::text[], $2::text[]) AS k(tbl, pk)
+ORDER BY k.tbl COLLATE \"C\", k.pk COLLATE \"C\"
+ON CONFLICT (tbl, pk) DO UPDATE SET deleted = l.deleted
+RETURNING l.tbl, l.pk, l.commit_lsn, l.lsn, l.cols";
+
+pub const WRITE_LEDGER_ROWS: &str = "
+UPDATE tally.ledger AS l
+SET commit_lsn = u.commit_lsn, lsn = u.lsn, deleted = u.cols IS NULL, cols = u.cols
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[])
+     AS u(tbl, pk, commit_lsn, lsn, cols)
+WHERE l.tbl = u.tbl AND l.pk = u.pk";
+
+/// Tombstones every row of a table older than the truncate, returning the
+/// versions that contributed before.
+pub const TRUNCATE_LEDGER: &str = "
+UPDATE tally.ledger AS l
+SET commit_lsn = $2, lsn = $3, deleted = true, cols = NULL
+FROM tally.ledger AS o
+WHERE o.tbl = $1 AND l.tbl = o.tbl AND l.pk = o.pk AND (o.commit_lsn, o.lsn) < ($2, $3)
+RETURNING o.cols";
+
+pub const RAISE_WATERMARK: &str = "
+UPDATE tally.watermarks SET commit_lsn = $2, lsn = $3
+WHERE tbl = $1 AND (commit_lsn, lsn) < ($2, $3)";
+
+pub const INSERT_DEAD_LETTERS: &str = "
+INSERT INTO tally.dead_letters (source_table, reason, payload)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])";
+
+/// Statements prepared once per connection.
+pub struct Statements {
+    lock_watermark_shared: Statement,
+    lock_watermark_exclusive: Statement,
+    lock_ledger_rows: Statement,
+    write_ledger_rows: Statement,
+    truncate_ledger: Statement,
+    raise_watermark: Statement,
+    insert_dead_letters: Statement,
+    /// Per view name: its delta upsert and its empty-group delete.
+    views: BTreeMap<String, (Statement, Option<Statement>)>,
+}
+
+impl Statements {
+    pub async fn prepare(
+        client: &tokio_postgres::Client,
+        model: &Model,
+    ) -> Result<Statements, tokio_postgres::Error> {
+        let mut views = BTreeMap::new();
+        for view in model.views() {
+            let delta = client.prepare(&view.delta_sql()).await?;
+            let delete = match view.delete_empty_sql() {
+                Some(sql) => Some(client.prepare(&sql).await?),
+                None => None,
+            };
+            views.insert(view.name().to_string(), (delta, delete));
+        }
+        Ok(Statements {
+            lock_watermark_shared: client.prepare(LOCK_WATERMARK_SHARED).await?,
+            lock_watermark_exclusive: client.prepare(LOCK_WATERMARK_EXCLUSIVE).await?,
+            lock_ledger_rows: client.prepare(LOCK_LEDGER_ROWS).await?,
+            write_ledger_rows: client.prepare(WRITE_LEDGER_ROWS).await?,
+            truncate_ledger: client.prepare(TRUNCATE_LEDGER).await?,
+            raise_watermark: client.prepare(RAISE_WATERMARK).await?,
+            insert_dead_letters: client.prepare(INSERT_DEAD_LETTERS).await?,
+            views,
+        })
+    }
+}
+
+fn to_db(lsn: u64) -> i64 {
+    lsn as i64
+}
+
+fn from_db(lsn: i64) -> u64 {
+    lsn as u64
+}
+
+/// Old and new versions of rows of one table whose contribution changes.
+type VersionPairs = (Vec<Option<Value>>, Vec<Option<Value>>);
+
+/// Runs one batch inside `tx` (the caller commits). Returns the counters.
+pub async fn write_batch(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    model: &Model,
+    batch: &Coalesced,
+    dead_letters: &[DeadLetter],
+) -> Result<ApplyStats, tokio_postgres::Error> {
+    let mut stats = batch.stats;
+
+    // 1. Watermarks first, in table order: shared for tables with row
+    //    changes, exclusive for tables being truncated. A truncate thus
+    //    waits for in-flight batches of its table and no lock cycle forms.
+    let mut tables: Vec<&TableName> = batch.changes.iter().map(|c| &c.id.table).collect();
+    tables.extend(batch.truncates.keys());
+    tables.sort();
+    tables.dedup();
+    let mut watermarks: HashMap<&TableName, OrderKey> = HashMap::new();
+    for table in tables {
+        let statement = if batch.truncates.contains_key(table) {
+            &statements.lock_watermark_exclusive
+        } else {
+            &statements.lock_watermark_shared
+        };
+        let row = tx.query_opt(statement, &[&table.to_string()]).await?;
+        let key = row
+            .map(|r| OrderKey::new(from_db(r.get(0)), from_db(r.get(1))))
+            .unwrap_or(OrderKey::ZERO);
+        watermarks.insert(table, key);
+    }
+
+    let mut pairs: BTreeMap<TableName, VersionPairs> = BTreeMap::new();
+
+    // 2. Truncates: tombstone older rows, remove their contributions.
+    for (table, key) in &batch.truncates {
+        let watermark = watermarks.get(table).copied().unwrap_or(OrderKey::ZERO);
+        if *key <= watermark {
+            stats.stale += 1;
+            continue;
+        }
+        let table_text = table.to_string();
+        let (commit_lsn, lsn) = (to_db(key.commit_lsn), to_db(key.lsn));
+        let removed = tx
+            .query(&statements.truncate_ledger, &[&table_text, &commit_lsn, &lsn])
+            .await?;
+        let entry = pairs.entry(table.clone()).or_default();
+        for row in removed {
+            let old: Option<Value> = row.get(0);
+            if old.is_some() {
+                entry.0.push(old);
+                entry.1.push(None);
+            }
+        }
+        tx.execute(&statements.raise_watermark, &[&table_text, &commit_lsn, &lsn])
+            .await?;
+        watermarks.insert(table, *key);
+        stats.truncates += 1;
+    }
+
+    // 3. Lock and read the stored rows, guard each change, write the ledger.
+    if !batch.changes.is_empty() {
+        let tables: Vec<String> = batch.changes.iter().map(|c| c.id.table.to_string()).collect();
+        let pks: Vec<&str> = batch.changes.iter().map(|c| c.id.pk.as_str()).collect();
+        let stored_rows = tx
+            .query(&statements.lock_ledger_rows, &[&tables, &pks])
+            .await?;
+        let mut stored: HashMap<(String, String), LedgerRow> = HashMap::with_capacity(stored_rows.len());
+        for row in stored_rows {
+            let cols: Option<Value> = row.get(4);
+            stored.insert(
+                (row.get(0), row.get(1)),
+                LedgerRow {
+                    key: OrderKey::new(from_db(row.get(2)), from_db(row.get(3))),
+                    image: cols.and_then(into_row),
+                },
+            );
+        }
+        let mut write = LedgerWrite::default();
+        for (change, table_text) in batch.changes.iter().zip(&tables) {
+            let current = stored
+                .get(&(table_text.clone(), change.id.pk.clone()))
+                .unwrap_or(&LedgerRow::ABSENT);
+            let watermark = watermarks.get(&change.id.table).copied().unwrap_or(OrderKey::ZERO);
+            let step = transition(current, watermark, change);
+            match step.verdict {
+                Verdict::Duplicate => stats.duplicates += 1,
+                Verdict::Stale => stats.stale += 1,
+                Verdict::Apply => {
+                    stats.applied += 1;
+                    write.push(&change.id, step.next.key, step.next.image.clone());
+                    if step.old_image != step.new_image {
+                        let entry = pairs.entry(change.id.table.clone()).or_default();
+                        entry.0.push(step.old_image.map(Value::Object));
+                        entry.1.push(step.new_image.map(Value::Object));
+                    }
+                }
+            }
+        }
+        if !write.pks.is_empty() {
+            tx.execute(
+                &statements.write_ledger_rows,
+                &[&write.tables, &write.pks, &write.commit_lsns, &write.lsns, &write.cols],
+            )
+            .await?;
+        }
+    }
+
+    // 4. View deltas, views in name order, groups in key order.
+    let mut view_work: Vec<(&str, &VersionPairs)> = Vec::new();
+    for (table, versions) in &pairs {
+        for view in model.views_of(table) {
+            view_work.push((view.name(), versions));
+        }
+    }
+    view_work.sort_by_key(|(name, _)| *name);
+    for (name, (old, new)) in view_work {
+        let (delta, delete_empty) = &statements.views[name];
+        tx.execute(delta, &[old, new]).await?;
+        if let Some(delete_empty) = delete_empty {
+            tx.execute(delete_empty, &[]).await?;
+        }
+    }
+
+    // 5. Dead letters, in the same transaction as the batch they came with.
+    if !dead_letters.is_empty() {
+        let tables: Vec<Option<String>> = dead_letters.iter().map(|d| d.table.clone()).collect();
+        let reasons: Vec<&str> = dead_letters.iter().map(|d| d.reason.as_str()).collect();
+        let payloads: Vec<&str> = dead_letters.iter().map(|d| d.payload.as_str()).collect();
+        tx.execute(&statements.insert_dead_letters, &[&tables, &reasons, &payloads])
+            .await?;
+        stats.dead_lettered += dead_letters.len() as u64;
+    }
+    Ok(stats)
+}
+
+fn into_row(value: Value) -> Option<Row> {
+    match value {
+        Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
+/// Column-wise arrays for the ledger update.
+#[derive(Default)]
+struct LedgerWrite {
+    tables: Vec<String>,
+    pks: Vec<String>,
+    commit_lsns: Vec<i64>,
+    lsns: Vec<i64>,
+    cols: Vec<Option<Value>>,
+}
+
+impl LedgerWrite {
+    fn push(&mut self, id: &RowId, key: OrderKey, image: Option<Row>) {
+        self.tables.push(id.table.to_string());
+        self.pks.push(id.pk.clone());
+        self.commit_lsns.push(to_db(key.commit_lsn));
+        self.lsns.push(to_db(key.lsn));
+        self.cols.push(image.map(Value::Object));
+    }
+}

@@ -1,0 +1,69 @@
+//! Connecting to Postgres, with errors that never show a password.
+
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::redact_url;
+
+#[derive(Debug, Error)]
+#[error("cannot connect to {url}: {reason}")]
+pub struct ConnectError {
+    /// The URL with its password hidden.
+    pub url: String,
+    pub reason: String,
+}
+
+/// Opens a connection and drives it on a background task.
+pub async fn connect(url: &str) -> Result<Client, ConnectError> {
+    let (client, connection) =
+        tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(|err| ConnectError {
+                url: redact_url(url),
+                reason: describe(&err),
+            })?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!("postgres connection closed: {err}");
+        }
+    });
+    Ok(client)
+}
+
+/// The most useful text of a Postgres error: the server's message (and
+/// detail) when there is one, else the client's description.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{} ({detail})", db.message()),
+            None => db.message().to_string(),
+        },
+        None => {
+            let mut text = err.to_string();
+            let mut source = std::error::Error::source(err);
+            while let Some(inner) = source {
+                text.push_str(": ");
+                text.push_str(&inner.to_string());
+                source = inner.source();
+            }
+            text
+        }
+    }
+}
+
+/// Whether retrying the same transaction can succeed: deadlocks,
+/// serialization failures and lock timeouts, which concurrent appliers can
+/// meet, and which must never escape to the user.
+pub fn is_transient(err: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match err.code() {
+        Some(code) => {
+            *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::LOCK_NOT_AVAILABLE
+                || *code == SqlState::QUERY_CANCELED
+                || *code == SqlState::UNIQUE_VIOLATION
+        }
+        None => false,
+    }
+}
