@@ -8,3 +8,5 @@ pub mod apply;
 pub mod catalog;
 pub mod config;
 pub mod db;
+pub mod ops;
+pub mod transport;

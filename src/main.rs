@@ -1,1 +1,149 @@
-fn main(){}
+//! The `tally` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use tally::apply::runner::apply_lines;
+use tally::apply::Model;
+use tally::config::{redact_url, Config};
+use tally::ops::verify::{render_report, verify_views};
+use tally::transport::file::open_input;
+
+/// Tally keeps SQL-defined aggregates (sums, counts, averages, ratios) of a
+/// PostgreSQL database exactly right in a target database, from change
+/// events that may arrive late, twice and out of order.
+#[derive(Parser)]
+#[command(name = "tally", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The configuration file: views = "views.sql", [source] url,
+    /// [target] url, [transport] kind. Environment variables
+    /// TALLY_SOURCE_URL, TALLY_TARGET_URL, TALLY_VIEWS override it.
+    #[arg(long, short, default_value = "tally.toml", value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply Debezium JSON change events (one per line) to the target's
+    /// ledger and view tables, then print a summary.
+    ///
+    /// Events may come in any order, more than once: each row change is
+    /// counted once, stale and duplicate deliveries are dropped, malformed
+    /// events go to tally.dead_letters with the reason.
+    Apply {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Read events from FILE, or from stdin with `-`.
+        #[arg(long, short, value_name = "FILE|-")]
+        input: PathBuf,
+        /// Exit with status 2 if any event was dead-lettered.
+        #[arg(long)]
+        strict: bool,
+        /// Run N appliers at once, each on its own target connection.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        parallel: usize,
+        /// Events per target transaction (default: [apply] batch_size, 4000).
+        #[arg(long, value_name = "N")]
+        batch_size: Option<usize>,
+    },
+    /// Compare every view table with its SELECT run on the source; print
+    /// the differences; exit 1 if there are any.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Show at most N differing rows (totals are always complete).
+        #[arg(long, default_value_t = 50, value_name = "N")]
+        limit: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("cannot start the async runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the config, the views and the source's table shapes, and makes
+/// sure the target schema is in place.
+async fn open(config_path: &std::path::Path) -> Result<(Config, tokio_postgres::Client, Arc<Model>)> {
+    let config = Config::load(config_path)?;
+    let views = tally::views::load_views(&config.views)?;
+    let source = tally::db::connect(&config.source_url).await?;
+    let model = Model::load(&source, views).await?;
+    let mut target = tally::db::connect(&config.target_url).await?;
+    model.ensure_target_schema(&mut target).await?;
+    Ok((config, source, Arc::new(model)))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Apply {
+            config,
+            input,
+            strict,
+            parallel,
+            batch_size,
+        } => {
+            let (config, _source, model) = open(&config.config).await?;
+            let reader = open_input(&input)
+                .await
+                .with_context(|| format!("cannot open input {}", input.display()))?;
+            let started = Instant::now();
+            let batch_size = batch_size.unwrap_or(config.apply.batch_size).max(1);
+            let stats = apply_lines(reader, &config.target_url, model, parallel, batch_size)
+                .await
+                .with_context(|| format!("applying to {}", redact_url(&config.target_url)))?;
+            let elapsed = started.elapsed().as_secs_f64();
+            let events = stats.applied + stats.coalesced + stats.duplicates + stats.stale + stats.dead_lettered;
+            println!("{stats}");
+            println!(
+                "{events} row events in {elapsed:.2} s ({:.0} events/s, {parallel} applier{})",
+                events as f64 / elapsed.max(1e-9),
+                if parallel == 1 { "" } else { "s" }
+            );
+            if strict && stats.dead_lettered > 0 {
+                eprintln!(
+                    "error: {} events were dead-lettered (see SELECT reason, payload FROM tally.dead_letters)",
+                    stats.dead_lettered
+                );
+                return Ok(ExitCode::from(2));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { config, limit } => {
+            let (config, source, model) = open(&config.config).await?;
+            let target = tally::db::connect(&config.target_url).await?;
+            let differences = verify_views(&source, &target, &model).await?;
+            print!("{}", render_report(&differences, model.views().count(), limit));
+            Ok(if differences.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! - [`schema`]: Tally's own tables in the target.
 
 pub mod core;
+pub mod runner;
 pub mod schema;
 pub mod store;
 pub mod validate;

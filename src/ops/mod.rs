@@ -1,0 +1,4 @@
+//! Operator tools: verify (and later bootstrap, replay, recalc, vacuum,
+//! status).
+
+pub mod verify;
