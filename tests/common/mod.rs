@@ -1,0 +1,142 @@
+//! Shared test harness: a private Postgres cluster with a source and a
+//! target database, config and views files, and Debezium event builders.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tally::apply::runner::apply_lines;
+use tally::apply::{ApplyStats, Model};
+use tally::config::Config;
+use tally::ops::verify::{verify_views, Difference};
+use tally::pgcluster::PgCluster;
+use tokio_postgres::Client;
+
+/// One test's world: a real Postgres with `source` and `target` databases.
+pub struct TestEnv {
+    pub cluster: PgCluster,
+    pub source_url: String,
+    pub target_url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    /// Starts a cluster, creates the source schema and writes the views and
+    /// config files.
+    pub async fn new(source_schema: &str, views_sql: &str) -> TestEnv {
+        let cluster = tokio::task::spawn_blocking(PgCluster::start)
+            .await
+            .unwrap()
+            .expect("start a private Postgres");
+        let source_url = cluster.create_database("source").expect("create source db");
+        let target_url = cluster.create_database("target").expect("create target db");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("views.sql"), views_sql).unwrap();
+        std::fs::write(
+            dir.path().join("tally.toml"),
+            format!(
+                "views = \"views.sql\"\n[source]\nurl = \"{source_url}\"\n[target]\nurl = \"{target_url}\"\n"
+            ),
+        )
+        .unwrap();
+        let env = TestEnv {
+            cluster,
+            source_url,
+            target_url,
+            dir,
+        };
+        env.source().await.batch_execute(source_schema).await.expect("source schema");
+        env
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("tally.toml")
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path()).unwrap()
+    }
+
+    pub async fn source(&self) -> Client {
+        tally::db::connect(&self.source_url).await.unwrap()
+    }
+
+    pub async fn target(&self) -> Client {
+        tally::db::connect(&self.target_url).await.unwrap()
+    }
+
+    /// Loads the views, reads the source's shapes, prepares the target.
+    pub async fn model(&self) -> Arc<Model> {
+        let views = tally::views::load_views(&self.config().views).expect("views load");
+        let model = Model::load(&self.source().await, views).await.expect("model");
+        model
+            .ensure_target_schema(&mut self.target().await)
+            .await
+            .expect("target schema");
+        Arc::new(model)
+    }
+
+    pub async fn apply(&self, model: &Arc<Model>, lines: &[String], parallel: usize, batch: usize) -> ApplyStats {
+        let text = lines.join("\n") + "\n";
+        apply_lines(text.as_bytes(), &self.target_url, model.clone(), parallel, batch)
+            .await
+            .expect("apply")
+    }
+
+    pub async fn verify(&self, model: &Model) -> Vec<Difference> {
+        verify_views(&self.source().await, &self.target().await, model)
+            .await
+            .expect("verify runs")
+    }
+
+    /// One value of a view, read with plain SQL as a user would.
+    pub async fn value(&self, sql: &str) -> Option<String> {
+        let rows = self.target().await.query(sql, &[]).await.expect(sql);
+        rows.first().and_then(|r| r.get::<_, Option<String>>(0))
+    }
+}
+
+/// Builds Debezium envelopes with Tally's `commit_lsn`.
+pub fn envelope(op: &str, table: &str, before: Value, after: Value, commit_lsn: u64, lsn: u64) -> String {
+    json!({
+        "before": before,
+        "after": after,
+        "source": {"schema": "public", "table": table, "lsn": lsn, "commit_lsn": commit_lsn, "txId": commit_lsn, "ts_ms": 1_700_000_000_000u64},
+        "op": op,
+        "ts_ms": 1_700_000_000_000u64
+    })
+    .to_string()
+}
+
+pub fn create(table: &str, after: Value, lsn: u64) -> String {
+    envelope("c", table, Value::Null, after, lsn, lsn)
+}
+
+pub fn update(table: &str, after: Value, lsn: u64) -> String {
+    envelope("u", table, Value::Null, after, lsn, lsn)
+}
+
+pub fn delete(table: &str, before: Value, lsn: u64) -> String {
+    envelope("d", table, before, Value::Null, lsn, lsn)
+}
+
+pub fn truncate(table: &str, lsn: u64) -> String {
+    envelope("t", table, Value::Null, Value::Null, lsn, lsn)
+}
+
+/// Shuffles `events` and adds duplicates of a `duplicate_share` of them,
+/// deterministically from `seed`.
+pub fn shuffle_with_duplicates(events: &[String], duplicate_share: f64, seed: u64) -> Vec<String> {
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out: Vec<String> = events.to_vec();
+    for event in events {
+        if rng.random_bool(duplicate_share) {
+            out.push(event.clone());
+        }
+    }
+    out.shuffle(&mut rng);
+    out
+}
