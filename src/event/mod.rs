@@ -4,6 +4,8 @@
 //! envelopes) lives in [`debezium`]; the ordering rules live in `apply::core`.
 
 pub mod debezium;
+mod decimal;
+mod temporal;
 
 use std::fmt;
 
