@@ -10,9 +10,13 @@ use crate::event::TableName;
 
 #[derive(Debug, Error)]
 pub enum CatalogError {
-    #[error("table {table} does not exist on the source (views read it); create it or fix the view's FROM")]
+    #[error(
+        "table {table} does not exist on the source (views read it); create it or fix the view's FROM"
+    )]
     NoSuchTable { table: TableName },
-    #[error("table {table} has no primary key; Tally identifies rows by it. Add one (ALTER TABLE {table} ADD PRIMARY KEY (...))")]
+    #[error(
+        "table {table} has no primary key; Tally identifies rows by it. Add one (ALTER TABLE {table} ADD PRIMARY KEY (...))"
+    )]
     NoPrimaryKey { table: TableName },
     #[error("reading the source catalog: {0}")]
     Db(#[from] tokio_postgres::Error),

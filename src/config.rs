@@ -9,7 +9,9 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}. Pass an existing file with --config (see `tally --help`).")]
+    #[error(
+        "cannot read config file {path}: {source}. Pass an existing file with --config (see `tally --help`)."
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -17,7 +19,10 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("{key} is not set: {fix}")]
-    Missing { key: &'static str, fix: &'static str },
+    Missing {
+        key: &'static str,
+        fix: &'static str,
+    },
     #[error("environment variable {var}={value:?} is invalid: {fix}")]
     BadEnv {
         var: &'static str,
@@ -141,7 +146,7 @@ impl Config {
                         var: "TALLY_TRANSPORT_KIND",
                         value: kind,
                         fix: "use \"embedded\" or \"nats\"",
-                    })
+                    });
                 }
             };
         }
@@ -269,7 +274,10 @@ url = "postgres://a@h/dst"
             redact_url("postgres://user:s3cret@host:5432/db?sslmode=require"),
             "postgres://user:***@host:5432/db?sslmode=require"
         );
-        assert_eq!(redact_url("postgres://user@host/db"), "postgres://user@host/db");
+        assert_eq!(
+            redact_url("postgres://user@host/db"),
+            "postgres://user@host/db"
+        );
         assert_eq!(
             redact_url("host=h user=u password=s3cret dbname=d"),
             "host=h user=u password=*** dbname=d"

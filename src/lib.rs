@@ -2,11 +2,11 @@
 //! in a target database, from change events delivered late, twice and out
 //! of order. See `DESIGN.md` for the architecture.
 
-pub mod event;
-pub mod views;
 pub mod apply;
 pub mod catalog;
 pub mod config;
 pub mod db;
+pub mod event;
 pub mod ops;
 pub mod transport;
+pub mod views;

@@ -8,9 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use tally::apply::runner::apply_lines;
 use tally::apply::Model;
-use tally::config::{redact_url, Config};
+use tally::apply::runner::apply_lines;
+use tally::config::{Config, redact_url};
 use tally::ops::verify::{render_report, verify_views};
 use tally::transport::file::open_input;
 
@@ -89,7 +89,9 @@ fn main() -> ExitCode {
 
 /// Loads the config, the views and the source's table shapes, and makes
 /// sure the target schema is in place.
-async fn open(config_path: &std::path::Path) -> Result<(Config, tokio_postgres::Client, Arc<Model>)> {
+async fn open(
+    config_path: &std::path::Path,
+) -> Result<(Config, tokio_postgres::Client, Arc<Model>)> {
     let config = Config::load(config_path)?;
     let views = tally::views::load_views(&config.views)?;
     let source = tally::db::connect(&config.source_url).await?;
@@ -118,7 +120,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("applying to {}", redact_url(&config.target_url)))?;
             let elapsed = started.elapsed().as_secs_f64();
-            let events = stats.applied + stats.coalesced + stats.duplicates + stats.stale + stats.dead_lettered;
+            let events = stats.applied
+                + stats.coalesced
+                + stats.duplicates
+                + stats.stale
+                + stats.dead_lettered;
             println!("{stats}");
             println!(
                 "{events} row events in {elapsed:.2} s ({:.0} events/s, {parallel} applier{})",
@@ -138,7 +144,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let (config, source, model) = open(&config.config).await?;
             let target = tally::db::connect(&config.target_url).await?;
             let differences = verify_views(&source, &target, &model).await?;
-            print!("{}", render_report(&differences, model.views().count(), limit));
+            print!(
+                "{}",
+                render_report(&differences, model.views().count(), limit)
+            );
             Ok(if differences.is_empty() {
                 ExitCode::SUCCESS
             } else {

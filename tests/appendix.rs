@@ -13,7 +13,8 @@ use serde_json::json;
 
 const SCHEMA: &str = "CREATE TABLE invoices (id serial PRIMARY KEY, name text NOT NULL, total numeric(20,2) NOT NULL);
 INSERT INTO invoices (name, total) VALUES ('first', 10);";
-const VIEWS: &str = "CREATE MATERIALIZED VIEW invoice_total AS SELECT SUM(total) AS total FROM invoices;";
+const VIEWS: &str =
+    "CREATE MATERIALIZED VIEW invoice_total AS SELECT SUM(total) AS total FROM invoices;";
 
 const CREATE_LSN: u64 = 200;
 const UPDATE_LSN: u64 = 300;
@@ -21,8 +22,16 @@ const DELETE_LSN: u64 = 400;
 
 fn event(kind: char) -> String {
     match kind {
-        'C' => create("invoices", json!({"id": 2, "name": "second", "total": "20.00"}), CREATE_LSN),
-        'U' => update("invoices", json!({"id": 2, "name": "second", "total": "40.00"}), UPDATE_LSN),
+        'C' => create(
+            "invoices",
+            json!({"id": 2, "name": "second", "total": "20.00"}),
+            CREATE_LSN,
+        ),
+        'U' => update(
+            "invoices",
+            json!({"id": 2, "name": "second", "total": "40.00"}),
+            UPDATE_LSN,
+        ),
         'D' => delete("invoices", json!({"id": 2}), DELETE_LSN),
         _ => unreachable!(),
     }
@@ -33,14 +42,27 @@ fn event(kind: char) -> String {
 async fn run_case(order: &str, expected: &[&str]) {
     let env = TestEnv::new(SCHEMA, VIEWS).await;
     let model = env.model().await;
-    let first = create("invoices", json!({"id": 1, "name": "first", "total": "10.00"}), 100);
+    let first = create(
+        "invoices",
+        json!({"id": 1, "name": "first", "total": "10.00"}),
+        100,
+    );
     env.apply(&model, &[first], 1, 1).await;
-    assert_eq!(env.value("SELECT total::text FROM invoice_total").await.as_deref(), Some("10.00"));
+    assert_eq!(
+        env.value("SELECT total::text FROM invoice_total")
+            .await
+            .as_deref(),
+        Some("10.00")
+    );
 
     let mut seen = Vec::new();
     for kind in order.chars() {
         env.apply(&model, &[event(kind)], 1, 1).await;
-        seen.push(env.value("SELECT total::text FROM invoice_total").await.unwrap());
+        seen.push(
+            env.value("SELECT total::text FROM invoice_total")
+                .await
+                .unwrap(),
+        );
     }
     assert_eq!(seen, expected, "aggregate after each event of {order}");
 
@@ -49,7 +71,10 @@ async fn run_case(order: &str, expected: &[&str]) {
     let ledger = env
         .target()
         .await
-        .query("SELECT pk, commit_lsn, lsn, deleted, cols FROM tally.ledger ORDER BY pk", &[])
+        .query(
+            "SELECT pk, commit_lsn, lsn, deleted, cols FROM tally.ledger ORDER BY pk",
+            &[],
+        )
         .await
         .unwrap();
     let rows: Vec<(String, i64, i64, bool, Option<serde_json::Value>)> = ledger
@@ -59,11 +84,26 @@ async fn run_case(order: &str, expected: &[&str]) {
     assert_eq!(
         rows,
         vec![
-            ("[1]".to_string(), 100, 100, false, Some(json!({"total": "10.00"}))),
-            ("[2]".to_string(), DELETE_LSN as i64, DELETE_LSN as i64, true, None),
+            (
+                "[1]".to_string(),
+                100,
+                100,
+                false,
+                Some(json!({"total": "10.00"}))
+            ),
+            (
+                "[2]".to_string(),
+                DELETE_LSN as i64,
+                DELETE_LSN as i64,
+                true,
+                None
+            ),
         ]
     );
-    assert!(env.verify(&model).await.is_empty(), "view equals the source");
+    assert!(
+        env.verify(&model).await.is_empty(),
+        "view equals the source"
+    );
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const SCHEMA: &str = "
 CREATE TABLE movements (
@@ -80,15 +80,28 @@ impl History {
     }
 
     fn random_movement(&mut self) -> Movement {
-        let account_id = if self.rng.random_bool(0.05) { None } else { Some(self.rng.random_range(1..=40)) };
+        let account_id = if self.rng.random_bool(0.05) {
+            None
+        } else {
+            Some(self.rng.random_range(1..=40))
+        };
         let amount = if self.rng.random_bool(0.1) {
             None
         } else {
             let cents: i64 = self.rng.random_range(-50_000..100_000);
             let sign = if cents < 0 { "-" } else { "" };
-            Some(format!("{sign}{}.{:02}", cents.abs() / 100, cents.abs() % 100))
+            Some(format!(
+                "{sign}{}.{:02}",
+                cents.abs() / 100,
+                cents.abs() % 100
+            ))
         };
-        Movement { account_id, amount, voided_at: None, note: "x".repeat(self.rng.random_range(0..20)) }
+        Movement {
+            account_id,
+            amount,
+            voided_at: None,
+            note: "x".repeat(self.rng.random_range(0..20)),
+        }
     }
 
     fn random_existing(&mut self) -> Option<i64> {
@@ -114,16 +127,34 @@ impl History {
                     let id = self.next_id;
                     self.next_id += 1;
                     let movement = self.random_movement();
-                    self.events.push(envelope("c", "movements", Value::Null, movement.json(id), commit_lsn, lsn));
+                    self.events.push(envelope(
+                        "c",
+                        "movements",
+                        Value::Null,
+                        movement.json(id),
+                        commit_lsn,
+                        lsn,
+                    ));
                     self.rows.insert(id, movement);
                 }
                 (30..=59, Some(id)) => {
                     // Change amount and/or account (a group-key change).
                     let mut movement = self.rows[&id].clone();
                     let fresh = self.random_movement();
-                    if self.rng.random_bool(0.5) { movement.amount = fresh.amount; }
-                    if self.rng.random_bool(0.5) { movement.account_id = fresh.account_id; }
-                    self.events.push(envelope("u", "movements", Value::Null, movement.json(id), commit_lsn, lsn));
+                    if self.rng.random_bool(0.5) {
+                        movement.amount = fresh.amount;
+                    }
+                    if self.rng.random_bool(0.5) {
+                        movement.account_id = fresh.account_id;
+                    }
+                    self.events.push(envelope(
+                        "u",
+                        "movements",
+                        Value::Null,
+                        movement.json(id),
+                        commit_lsn,
+                        lsn,
+                    ));
                     self.rows.insert(id, movement);
                 }
                 (60..=74, Some(id)) => {
@@ -133,7 +164,14 @@ impl History {
                         None => Some("2026-11-25T10:00:00+00:00".into()),
                         Some(_) => None,
                     };
-                    self.events.push(envelope("u", "movements", Value::Null, movement.json(id), commit_lsn, lsn));
+                    self.events.push(envelope(
+                        "u",
+                        "movements",
+                        Value::Null,
+                        movement.json(id),
+                        commit_lsn,
+                        lsn,
+                    ));
                     self.rows.insert(id, movement);
                 }
                 (75..=84, Some(id)) => {
@@ -141,12 +179,26 @@ impl History {
                     let movement = self.rows.remove(&id).unwrap();
                     let new_id = self.next_id;
                     self.next_id += 1;
-                    self.events.push(envelope("u", "movements", json!({"id": id}), movement.json(new_id), commit_lsn, lsn));
+                    self.events.push(envelope(
+                        "u",
+                        "movements",
+                        json!({"id": id}),
+                        movement.json(new_id),
+                        commit_lsn,
+                        lsn,
+                    ));
                     self.rows.insert(new_id, movement);
                 }
                 (_, Some(id)) => {
                     self.rows.remove(&id);
-                    self.events.push(envelope("d", "movements", json!({"id": id}), Value::Null, commit_lsn, lsn));
+                    self.events.push(envelope(
+                        "d",
+                        "movements",
+                        json!({"id": id}),
+                        Value::Null,
+                        commit_lsn,
+                        lsn,
+                    ));
                 }
             }
         }
@@ -155,7 +207,14 @@ impl History {
     fn truncate(&mut self) {
         self.lsn += 100;
         self.rows.clear();
-        self.events.push(envelope("t", "movements", Value::Null, Value::Null, self.lsn, self.lsn - 50));
+        self.events.push(envelope(
+            "t",
+            "movements",
+            Value::Null,
+            Value::Null,
+            self.lsn,
+            self.lsn - 50,
+        ));
     }
 
     /// Writes the final state into the source table.
@@ -188,7 +247,11 @@ async fn shuffled_duplicated_history_converges_with_four_appliers() {
         history.transaction();
     }
     history.write_source(&env.source().await).await;
-    assert!(history.rows.len() >= 500, "history keeps enough rows: {}", history.rows.len());
+    assert!(
+        history.rows.len() >= 500,
+        "history keeps enough rows: {}",
+        history.rows.len()
+    );
 
     let delivery = shuffle_with_duplicates(&history.events, 0.2, 42);
     let stats = env.apply(&model, &delivery, 4, 300).await;

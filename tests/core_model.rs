@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tally::apply::core::{coalesce, transition, Image, LedgerRow, RowChange, RowId, Verdict};
+use tally::apply::core::{Image, LedgerRow, RowChange, RowId, Verdict, coalesce, transition};
 use tally::event::{OrderKey, Row, TableName};
 
 const ROWS: usize = 50;
@@ -67,8 +67,18 @@ struct Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    (0..ROWS, 0i64..5, proptest::option::of(-100i64..100), proptest::bool::weighted(0.25))
-        .prop_map(|(row, group, value, delete)| Step { row, group, value, delete })
+    (
+        0..ROWS,
+        0i64..5,
+        proptest::option::of(-100i64..100),
+        proptest::bool::weighted(0.25),
+    )
+        .prop_map(|(row, group, value, delete)| Step {
+            row,
+            group,
+            value,
+            delete,
+        })
 }
 
 proptest! {

@@ -185,10 +185,13 @@ pub fn coalesce(
 /// placeholder takes those values from the version it replaces, when that
 /// version is known and has them.
 fn merge_unchanged_toast(mut newer: RowChange, older: Option<&RowChange>) -> RowChange {
-    if let (Image::Row(row), Some(RowChange {
-        image: Image::Row(previous),
-        ..
-    })) = (&mut newer.image, older)
+    if let (
+        Image::Row(row),
+        Some(RowChange {
+            image: Image::Row(previous),
+            ..
+        }),
+    ) = (&mut newer.image, older)
     {
         fill_unchanged_toast(row, Some(previous));
     }
@@ -345,7 +348,11 @@ mod tests {
 
     #[test]
     fn delete_before_create_leaves_a_tombstone_that_blocks_the_create() {
-        let t = transition(&LedgerRow::ABSENT, OrderKey::ZERO, &change(2, 30, Image::Deleted));
+        let t = transition(
+            &LedgerRow::ABSENT,
+            OrderKey::ZERO,
+            &change(2, 30, Image::Deleted),
+        );
         assert_eq!((t.old_image.clone(), t.new_image.clone()), (None, None));
         let late_create = transition(&t.next, OrderKey::ZERO, &change(2, 10, row(20)));
         assert_eq!(late_create.verdict, Verdict::Stale);

@@ -20,14 +20,14 @@ use thiserror::Error;
 use tokio_postgres::Client;
 
 pub use self::core::ApplyStats;
-use self::core::{coalesce, RowChange};
+use self::core::{RowChange, coalesce};
 use self::store::Statements;
-use self::validate::{decode, Decoded};
+use self::validate::{Decoded, decode};
 use crate::catalog::{self, CatalogError, TableMeta};
-use crate::db::{self, describe, is_transient, ConnectError};
+use crate::db::{self, ConnectError, describe, is_transient};
 use crate::event::{self, OrderKey, Parsed, TableName};
-use crate::views::table::{ViewTable, ViewTableError};
 use crate::views::ViewDef;
+use crate::views::table::{ViewTable, ViewTableError};
 
 #[derive(Debug, Error)]
 pub enum ApplyError {
@@ -73,11 +73,13 @@ impl Model {
         for def in views {
             let meta = &metas[&def.source];
             let view = ViewTable::probe(source, def, meta).await?;
-            let entry = tables.entry(meta.name.clone()).or_insert_with(|| TableModel {
-                meta: meta.clone(),
-                stored_columns: Vec::new(),
-                views: Vec::new(),
-            });
+            let entry = tables
+                .entry(meta.name.clone())
+                .or_insert_with(|| TableModel {
+                    meta: meta.clone(),
+                    stored_columns: Vec::new(),
+                    views: Vec::new(),
+                });
             for column in &view.def.columns_read {
                 if !entry.stored_columns.contains(column) {
                     entry.stored_columns.push(column.clone());
@@ -96,7 +98,10 @@ impl Model {
     }
 
     pub fn views_of(&self, table: &TableName) -> impl Iterator<Item = &ViewTable> {
-        self.tables.get(table).into_iter().flat_map(|t| t.views.iter())
+        self.tables
+            .get(table)
+            .into_iter()
+            .flat_map(|t| t.views.iter())
     }
 
     /// Creates or upgrades Tally's schema and every view table in the
@@ -115,7 +120,8 @@ impl Model {
             }
         }
         for (table, model) in &self.tables {
-            tx.execute(schema::ENSURE_WATERMARK, &[&table.to_string()]).await?;
+            tx.execute(schema::ENSURE_WATERMARK, &[&table.to_string()])
+                .await?;
             for view in &model.views {
                 let definition = view.create_sql().join(";\n");
                 let registered: Option<String> = tx
@@ -147,12 +153,15 @@ impl Model {
                     _ => {}
                 }
                 for statement in view.create_sql() {
-                    tx.batch_execute(&statement).await.map_err(|err| ApplyError::ViewSchema {
-                        view: view.name().to_string(),
-                        message: format!("cannot create its table: {}", describe(&err)),
-                    })?;
+                    tx.batch_execute(&statement)
+                        .await
+                        .map_err(|err| ApplyError::ViewSchema {
+                            view: view.name().to_string(),
+                            message: format!("cannot create its table: {}", describe(&err)),
+                        })?;
                 }
-                tx.execute(&view.rebuild_sql(), &[&table.to_string()]).await?;
+                tx.execute(&view.rebuild_sql(), &[&table.to_string()])
+                    .await?;
                 if let Some(delete) = view.delete_empty_sql() {
                     tx.execute(&delete, &[]).await?;
                 }
@@ -255,7 +264,10 @@ impl Applier {
                 Err(err) if err.as_db_error().is_none() => Err(err.into()),
                 Err(err) => {
                     // The target rejected something in the batch: isolate it.
-                    let live = items.iter().filter(|(i, _)| !matches!(i, Item::Dead(_) | Item::Tombstone)).count();
+                    let live = items
+                        .iter()
+                        .filter(|(i, _)| !matches!(i, Item::Dead(_) | Item::Tombstone))
+                        .count();
                     if live <= 1 {
                         let reason = format!("rejected by the target: {}", describe(&err));
                         let isolated: Vec<(Item, &str)> = items
@@ -286,7 +298,10 @@ impl Applier {
 
     /// One transaction over `items`, retried on deadlock or serialization
     /// failure, which parallel appliers can cause and which must not escape.
-    async fn try_items(&mut self, items: &[(Item, &str)]) -> Result<ApplyStats, tokio_postgres::Error> {
+    async fn try_items(
+        &mut self,
+        items: &[(Item, &str)],
+    ) -> Result<ApplyStats, tokio_postgres::Error> {
         let mut changes = Vec::new();
         let mut truncates = Vec::new();
         let mut dead_letters = Vec::new();
@@ -303,7 +318,8 @@ impl Applier {
         let mut attempt = 0;
         loop {
             let tx = self.client.transaction().await?;
-            let result = store::write_batch(&tx, &self.statements, &self.model, &batch, &dead_letters).await;
+            let result =
+                store::write_batch(&tx, &self.statements, &self.model, &batch, &dead_letters).await;
             let result = match result {
                 Ok(stats) => tx.commit().await.map(|_| stats),
                 Err(err) => Err(err),
@@ -317,7 +333,8 @@ impl Applier {
                     attempt += 1;
                     tracing::debug!("retrying batch after: {}", describe(&err));
                     let backoff = Duration::from_millis((5 * attempt as u64).min(200));
-                    tokio::time::sleep(backoff + Duration::from_millis(rand::random::<u64>() % 10)).await;
+                    tokio::time::sleep(backoff + Duration::from_millis(rand::random::<u64>() % 10))
+                        .await;
                 }
                 Err(err) => return Err(err),
             }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use tokio::io::AsyncBufRead;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{Mutex, mpsc};
 
 use super::{Applier, ApplyError, ApplyStats, Model};
 use crate::transport::file::for_each_chunk;
@@ -51,7 +51,8 @@ pub async fn apply_lines(
                 first_error.get_or_insert(err);
             }
             Err(join) => {
-                first_error.get_or_insert(ApplyError::Target(format!("an applier stopped: {join}")));
+                first_error
+                    .get_or_insert(ApplyError::Target(format!("an applier stopped: {join}")));
             }
         }
     }

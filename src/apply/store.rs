@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::Value;
 use tokio_postgres::{Statement, Transaction};
 
-use super::core::{transition, Coalesced, LedgerRow, RowId, Verdict};
+use super::core::{Coalesced, LedgerRow, RowId, Verdict, transition};
 use super::{ApplyStats, DeadLetter, Model};
 use crate::event::{OrderKey, Row, TableName};
 
@@ -145,7 +145,10 @@ pub async fn write_batch(
         let table_text = table.to_string();
         let (commit_lsn, lsn) = (to_db(key.commit_lsn), to_db(key.lsn));
         let removed = tx
-            .query(&statements.truncate_ledger, &[&table_text, &commit_lsn, &lsn])
+            .query(
+                &statements.truncate_ledger,
+                &[&table_text, &commit_lsn, &lsn],
+            )
             .await?;
         let entry = pairs.entry(table.clone()).or_default();
         for row in removed {
@@ -155,20 +158,28 @@ pub async fn write_batch(
                 entry.1.push(None);
             }
         }
-        tx.execute(&statements.raise_watermark, &[&table_text, &commit_lsn, &lsn])
-            .await?;
+        tx.execute(
+            &statements.raise_watermark,
+            &[&table_text, &commit_lsn, &lsn],
+        )
+        .await?;
         watermarks.insert(table, *key);
         stats.truncates += 1;
     }
 
     // 3. Lock and read the stored rows, guard each change, write the ledger.
     if !batch.changes.is_empty() {
-        let tables: Vec<String> = batch.changes.iter().map(|c| c.id.table.to_string()).collect();
+        let tables: Vec<String> = batch
+            .changes
+            .iter()
+            .map(|c| c.id.table.to_string())
+            .collect();
         let pks: Vec<&str> = batch.changes.iter().map(|c| c.id.pk.as_str()).collect();
         let stored_rows = tx
             .query(&statements.lock_ledger_rows, &[&tables, &pks])
             .await?;
-        let mut stored: HashMap<(String, String), LedgerRow> = HashMap::with_capacity(stored_rows.len());
+        let mut stored: HashMap<(String, String), LedgerRow> =
+            HashMap::with_capacity(stored_rows.len());
         for row in stored_rows {
             let cols: Option<Value> = row.get(4);
             stored.insert(
@@ -184,7 +195,10 @@ pub async fn write_batch(
             let current = stored
                 .get(&(table_text.clone(), change.id.pk.clone()))
                 .unwrap_or(&LedgerRow::ABSENT);
-            let watermark = watermarks.get(&change.id.table).copied().unwrap_or(OrderKey::ZERO);
+            let watermark = watermarks
+                .get(&change.id.table)
+                .copied()
+                .unwrap_or(OrderKey::ZERO);
             let step = transition(current, watermark, change);
             match step.verdict {
                 Verdict::Duplicate => stats.duplicates += 1,
@@ -203,7 +217,13 @@ pub async fn write_batch(
         if !write.pks.is_empty() {
             tx.execute(
                 &statements.write_ledger_rows,
-                &[&write.tables, &write.pks, &write.commit_lsns, &write.lsns, &write.cols],
+                &[
+                    &write.tables,
+                    &write.pks,
+                    &write.commit_lsns,
+                    &write.lsns,
+                    &write.cols,
+                ],
             )
             .await?;
         }
@@ -230,8 +250,11 @@ pub async fn write_batch(
         let tables: Vec<Option<String>> = dead_letters.iter().map(|d| d.table.clone()).collect();
         let reasons: Vec<&str> = dead_letters.iter().map(|d| d.reason.as_str()).collect();
         let payloads: Vec<&str> = dead_letters.iter().map(|d| d.payload.as_str()).collect();
-        tx.execute(&statements.insert_dead_letters, &[&tables, &reasons, &payloads])
-            .await?;
+        tx.execute(
+            &statements.insert_dead_letters,
+            &[&tables, &reasons, &payloads],
+        )
+        .await?;
         stats.dead_lettered += dead_letters.len() as u64;
     }
     Ok(stats)

@@ -84,12 +84,14 @@ fn primary_key_text(table: &TableMeta, row: &Row, side: &str) -> Result<String, 
         if value.is_null() {
             return Err(format!("{side}.{column_name}: primary-key column is null"));
         }
-        let column = table.column(column_name).ok_or_else(|| {
-            format!("{side}.{column_name}: not a column of {}", table.name)
-        })?;
+        let column = table
+            .column(column_name)
+            .ok_or_else(|| format!("{side}.{column_name}: not a column of {}", table.name))?;
         let value = normalize(column, value).map_err(|e| format!("{side}.{column_name}: {e}"))?;
         if value.as_str() == Some(UNCHANGED_TOAST) {
-            return Err(format!("{side}.{column_name}: primary key cannot be an unchanged TOAST placeholder"));
+            return Err(format!(
+                "{side}.{column_name}: primary key cannot be an unchanged TOAST placeholder"
+            ));
         }
         values.push(value);
     }
@@ -144,7 +146,11 @@ pub fn normalize(column: &ColumnMeta, value: &Value) -> Result<Value, String> {
             let text = match value {
                 Value::Number(n) => n.to_string(),
                 Value::String(s) => s.trim().to_string(),
-                _ => return Err(format!("expected a decimal number ({type_label}), got {value}")),
+                _ => {
+                    return Err(format!(
+                        "expected a decimal number ({type_label}), got {value}"
+                    ));
+                }
             };
             check_numeric(&text, column.typmod)
                 .map_err(|e| format!("{e} ({type_label}): {value}"))?;
@@ -309,15 +315,23 @@ mod tests {
         let int4 = column("int4", "integer", -1);
         assert_eq!(normalize(&int4, &json!(5)).unwrap(), json!(5));
         assert_eq!(normalize(&int4, &json!("7")).unwrap(), json!(7));
-        assert!(normalize(&int4, &json!(3_000_000_000i64))
-            .unwrap_err()
-            .contains("out of range"));
-        assert!(normalize(&int4, &json!("abc")).unwrap_err().contains("expected an integer"));
+        assert!(
+            normalize(&int4, &json!(3_000_000_000i64))
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!(
+            normalize(&int4, &json!("abc"))
+                .unwrap_err()
+                .contains("expected an integer")
+        );
         assert!(normalize(&int4, &json!(1.5)).is_err());
         let int8 = column("int8", "bigint", -1);
-        assert!(normalize(&int8, &json!("99999999999999999999"))
-            .unwrap_err()
-            .contains("out of range"));
+        assert!(
+            normalize(&int8, &json!("99999999999999999999"))
+                .unwrap_err()
+                .contains("out of range")
+        );
     }
 
     #[test]
@@ -326,11 +340,27 @@ mod tests {
         assert_eq!(normalize(&n, &json!("20.50")).unwrap(), json!("20.50"));
         assert_eq!(normalize(&n, &json!(12)).unwrap(), json!("12"));
         assert!(normalize(&n, &json!("999999999999999999.99")).is_ok());
-        assert!(normalize(&n, &json!("1000000000000000000")).unwrap_err().contains("overflow"));
-        assert!(normalize(&n, &json!("1e30")).unwrap_err().contains("overflow"));
-        assert!(normalize(&n, &json!("999999999999999999.995")).unwrap_err().contains("overflow"));
+        assert!(
+            normalize(&n, &json!("1000000000000000000"))
+                .unwrap_err()
+                .contains("overflow")
+        );
+        assert!(
+            normalize(&n, &json!("1e30"))
+                .unwrap_err()
+                .contains("overflow")
+        );
+        assert!(
+            normalize(&n, &json!("999999999999999999.995"))
+                .unwrap_err()
+                .contains("overflow")
+        );
         assert!(normalize(&n, &json!("0.001")).is_ok());
-        assert!(normalize(&n, &json!("twelve")).unwrap_err().contains("not a decimal"));
+        assert!(
+            normalize(&n, &json!("twelve"))
+                .unwrap_err()
+                .contains("not a decimal")
+        );
         assert!(normalize(&n, &json!(true)).is_err());
         let unconstrained = column("numeric", "numeric", -1);
         assert!(normalize(&unconstrained, &json!("1e300")).is_ok());
@@ -342,13 +372,20 @@ mod tests {
     fn text_length_is_checked() {
         let v = column("varchar", "character varying(3)", 7);
         assert!(normalize(&v, &json!("abc")).is_ok());
-        assert!(normalize(&v, &json!("abcd")).unwrap_err().contains("too long"));
+        assert!(
+            normalize(&v, &json!("abcd"))
+                .unwrap_err()
+                .contains("too long")
+        );
     }
 
     #[test]
     fn placeholders_and_nulls_pass() {
         let n = numeric(5, 2);
         assert_eq!(normalize(&n, &Value::Null).unwrap(), Value::Null);
-        assert_eq!(normalize(&n, &json!(UNCHANGED_TOAST)).unwrap(), json!(UNCHANGED_TOAST));
+        assert_eq!(
+            normalize(&n, &json!(UNCHANGED_TOAST)).unwrap(),
+            json!(UNCHANGED_TOAST)
+        );
     }
 }

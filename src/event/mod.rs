@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-pub use debezium::{parse_event, EventError};
+pub use debezium::{EventError, parse_event};
 
 /// One source row's column values, by column name, as JSON values.
 ///
@@ -48,7 +48,12 @@ impl OrderKey {
 
 impl fmt::Display for OrderKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "({}, {})", format_lsn(self.commit_lsn), format_lsn(self.lsn))
+        write!(
+            f,
+            "({}, {})",
+            format_lsn(self.commit_lsn),
+            format_lsn(self.lsn)
+        )
     }
 }
 

@@ -69,10 +69,17 @@ pub async fn verify_views(
 pub fn render_report(differences: &[Difference], views_checked: usize, limit: usize) -> String {
     let mut out = String::new();
     if differences.is_empty() {
-        let _ = writeln!(out, "verify: all {views_checked} views equal their SELECT on the source");
+        let _ = writeln!(
+            out,
+            "verify: all {views_checked} views equal their SELECT on the source"
+        );
         return out;
     }
-    let _ = writeln!(out, "{:<24} {:<32} {:<40} found", "view", "group key", "expected");
+    let _ = writeln!(
+        out,
+        "{:<24} {:<32} {:<40} found",
+        "view", "group key", "expected"
+    );
     for difference in differences.iter().take(limit) {
         let show = |v: &Option<Value>| v.as_ref().map_or("(no row)".to_string(), Value::to_string);
         let _ = writeln!(
@@ -129,7 +136,10 @@ mod tests {
         let report = render_report(&differences, 3, 1);
         assert!(report.contains("\"balance\":\"10.00\""), "{report}");
         assert!(report.contains("… and 1 more"), "{report}");
-        assert!(report.contains("DRIFT in 1 of 3 views (2 rows differ; balance: 2)"), "{report}");
+        assert!(
+            report.contains("DRIFT in 1 of 3 views (2 rows differ; balance: 2)"),
+            "{report}"
+        );
         assert!(render_report(&[], 3, 10).contains("all 3 views equal"));
     }
 }

@@ -1,7 +1,7 @@
 //! Views declared in SQL (`CREATE MATERIALIZED VIEW … AS SELECT …`).
 //! TEMPORARY STUB: replaced by the parser branch.
-use std::collections::BTreeSet;
 use crate::event::TableName;
+use std::collections::BTreeSet;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ViewDef {
@@ -15,19 +15,47 @@ pub struct ViewDef {
     pub columns_read: BTreeSet<String>,
 }
 #[derive(Debug, Clone, PartialEq)]
-pub struct GroupColumn { pub column: String, pub expr: String, pub visible: bool }
+pub struct GroupColumn {
+    pub column: String,
+    pub expr: String,
+    pub visible: bool,
+}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AggKind { CountStar, Count, Sum, Avg }
+pub enum AggKind {
+    CountStar,
+    Count,
+    Sum,
+    Avg,
+}
 #[derive(Debug, Clone, PartialEq)]
-pub struct Aggregate { pub kind: AggKind, pub arg: Option<String>, pub filter: Option<String> }
+pub struct Aggregate {
+    pub kind: AggKind,
+    pub arg: Option<String>,
+    pub filter: Option<String>,
+}
 #[derive(Debug, Clone, PartialEq)]
-pub struct OutputColumn { pub name: String, pub source: OutputSource }
+pub struct OutputColumn {
+    pub name: String,
+    pub source: OutputSource,
+}
 #[derive(Debug, Clone, PartialEq)]
-pub enum OutputSource { Group(usize), Measure(MeasureExpr) }
+pub enum OutputSource {
+    Group(usize),
+    Measure(MeasureExpr),
+}
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeasureExpr;
-impl MeasureExpr { pub fn render(&self, _agg_sql: &dyn Fn(usize) -> String) -> String { todo!() } }
+impl MeasureExpr {
+    pub fn render(&self, _agg_sql: &dyn Fn(usize) -> String) -> String {
+        todo!()
+    }
+}
 #[derive(Debug, thiserror::Error)]
-pub enum ViewError { #[error("x")] X }
-pub fn load_views(_path: &std::path::Path) -> Result<Vec<ViewDef>, ViewError> { todo!() }
+pub enum ViewError {
+    #[error("x")]
+    X,
+}
+pub fn load_views(_path: &std::path::Path) -> Result<Vec<ViewDef>, ViewError> {
+    todo!()
+}
 pub mod table;

@@ -8,8 +8,8 @@
 //! over no values, `AVG` be exact, and ratios like `done / total` be kept.
 
 use thiserror::Error;
-use tokio_postgres::types::Oid;
 use tokio_postgres::Client;
+use tokio_postgres::types::Oid;
 
 use super::{AggKind, OutputSource, ViewDef};
 use crate::catalog::TableMeta;
@@ -94,7 +94,11 @@ impl ViewTable {
             match aggregate.kind {
                 AggKind::Sum | AggKind::Avg => {
                     items.push(format!("SUM({arg})"));
-                    let function = if aggregate.kind == AggKind::Avg { "AVG" } else { "SUM" };
+                    let function = if aggregate.kind == AggKind::Avg {
+                        "AVG"
+                    } else {
+                        "SUM"
+                    };
                     items.push(format!("{function}({arg})"));
                 }
                 AggKind::Count | AggKind::CountStar => items.push(format!("COUNT({arg})")),
@@ -161,7 +165,11 @@ impl ViewTable {
     }
 
     fn group_columns(&self) -> Vec<String> {
-        self.def.groups.iter().map(|g| quote_ident(&g.column)).collect()
+        self.def
+            .groups
+            .iter()
+            .map(|g| quote_ident(&g.column))
+            .collect()
     }
 
     /// The state columns an aggregate keeps, in table order.
@@ -188,14 +196,19 @@ impl ViewTable {
                 if avg_type == "interval" {
                     format!("CASE WHEN {count} = 0 THEN NULL ELSE {state} / {count} END")
                 } else {
-                    format!("CASE WHEN {count} = 0 THEN NULL ELSE ({state})::{avg_type} / ({count})::{avg_type} END")
+                    format!(
+                        "CASE WHEN {count} = 0 THEN NULL ELSE ({state})::{avg_type} / ({count})::{avg_type} END"
+                    )
                 }
             }
         };
         if self.grouped() {
             // A group at zero rows is deleted in the same transaction; NULL
             // keeps expressions like `x / COUNT(*)` from dividing by zero.
-            format!("CASE WHEN {} = 0 THEN NULL ELSE {value} END", quote_ident(ROWS_COLUMN))
+            format!(
+                "CASE WHEN {} = 0 THEN NULL ELSE {value} END",
+                quote_ident(ROWS_COLUMN)
+            )
         } else {
             value
         }
@@ -207,9 +220,15 @@ impl ViewTable {
         let mut placed_groups = vec![false; self.def.groups.len()];
         for (output, output_type) in self.def.outputs.iter().zip(&self.output_types) {
             match &output.source {
-                OutputSource::Group(i) if !placed_groups[*i] && self.def.groups[*i].column == output.name => {
+                OutputSource::Group(i)
+                    if !placed_groups[*i] && self.def.groups[*i].column == output.name =>
+                {
                     placed_groups[*i] = true;
-                    columns.push(format!("{} {}", quote_ident(&output.name), self.group_types[*i]));
+                    columns.push(format!(
+                        "{} {}",
+                        quote_ident(&output.name),
+                        self.group_types[*i]
+                    ));
                 }
                 OutputSource::Group(i) => columns.push(format!(
                     "{} {output_type} GENERATED ALWAYS AS ({}) STORED",
@@ -225,7 +244,11 @@ impl ViewTable {
         }
         for (i, group) in self.def.groups.iter().enumerate() {
             if !placed_groups[i] {
-                columns.push(format!("{} {}", quote_ident(&group.column), self.group_types[i]));
+                columns.push(format!(
+                    "{} {}",
+                    quote_ident(&group.column),
+                    self.group_types[i]
+                ));
             }
         }
         if !self.grouped() {
@@ -235,16 +258,23 @@ impl ViewTable {
                 quote_ident(SINGLE_ROW_COLUMN)
             ));
         }
-        columns.push(format!("{} bigint NOT NULL DEFAULT 0", quote_ident(ROWS_COLUMN)));
+        columns.push(format!(
+            "{} bigint NOT NULL DEFAULT 0",
+            quote_ident(ROWS_COLUMN)
+        ));
         for (i, aggregate) in self.def.aggregates.iter().enumerate() {
             match aggregate.kind {
-                AggKind::Count | AggKind::CountStar => {
-                    columns.push(format!("{} bigint NOT NULL DEFAULT 0", Self::state_column(i)))
-                }
+                AggKind::Count | AggKind::CountStar => columns.push(format!(
+                    "{} bigint NOT NULL DEFAULT 0",
+                    Self::state_column(i)
+                )),
                 AggKind::Sum | AggKind::Avg => {
                     let sum_type = self.sum_types[i].as_deref().unwrap_or("numeric");
                     columns.push(format!("{} {sum_type}", Self::state_column(i)));
-                    columns.push(format!("{} bigint NOT NULL DEFAULT 0", Self::count_column(i)));
+                    columns.push(format!(
+                        "{} bigint NOT NULL DEFAULT 0",
+                        Self::count_column(i)
+                    ));
                 }
             }
         }
@@ -290,7 +320,10 @@ impl ViewTable {
     /// The per-aggregate delta expressions over `contrib` rows that carry
     /// `_tally_sign` (-1 for an old version, +1 for a new one).
     fn delta_items(&self) -> Vec<String> {
-        let mut items = vec![format!("SUM(_tally_sign)::bigint AS {}", quote_ident(ROWS_COLUMN))];
+        let mut items = vec![format!(
+            "SUM(_tally_sign)::bigint AS {}",
+            quote_ident(ROWS_COLUMN)
+        )];
         for (i, aggregate) in self.def.aggregates.iter().enumerate() {
             let filter = aggregate.filter.as_ref().map(|f| format!("({f})"));
             let counted = match (&filter, &aggregate.arg) {
@@ -337,9 +370,7 @@ impl ViewTable {
     /// `$2` the new versions (jsonb, NULL for none), pairwise. Group rows
     /// are written in group-key order so parallel appliers do not deadlock.
     pub fn delta_sql(&self) -> String {
-        self.upsert_sql(
-            "unnest($1::jsonb[], $2::jsonb[]) AS _tally_pairs(_tally_old, _tally_new)",
-        )
+        self.upsert_sql("unnest($1::jsonb[], $2::jsonb[]) AS _tally_pairs(_tally_old, _tally_new)")
     }
 
     /// Builds the view from every live ledger row of its table (`$1` = the
@@ -451,7 +482,12 @@ ON CONFLICT ({conflict_target}) DO UPDATE SET {updates}",
             .zip(&self.output_types)
             .map(|(o, t)| format!("{} {t}", quote_ident(&o.name)))
             .collect();
-        let names: Vec<String> = self.def.outputs.iter().map(|o| quote_ident(&o.name)).collect();
+        let names: Vec<String> = self
+            .def
+            .outputs
+            .iter()
+            .map(|o| quote_ident(&o.name))
+            .collect();
         let key_names: Vec<String> = self
             .def
             .outputs
@@ -462,7 +498,11 @@ ON CONFLICT ({conflict_target}) DO UPDATE SET {updates}",
         let all_groups_visible = self.def.groups.iter().all(|g| g.visible);
         // Join on the group key when it is visible; otherwise compare the
         // two sides as multisets of whole rows.
-        let join_columns = if all_groups_visible { &key_names } else { &names };
+        let join_columns = if all_groups_visible {
+            &key_names
+        } else {
+            &names
+        };
         let join = if join_columns.is_empty() {
             "true".to_string()
         } else {
@@ -478,7 +518,12 @@ ON CONFLICT ({conflict_target}) DO UPDATE SET {updates}",
             .collect();
         let key_json: Vec<String> = join_columns
             .iter()
-            .map(|c| format!("{}, COALESCE(to_jsonb(e.{c}), to_jsonb(f.{c}))", sql_string(c)))
+            .map(|c| {
+                format!(
+                    "{}, COALESCE(to_jsonb(e.{c}), to_jsonb(f.{c}))",
+                    sql_string(c)
+                )
+            })
             .collect();
         let row_json = |side: &str| {
             names
@@ -494,11 +539,19 @@ ON CONFLICT ({conflict_target}) DO UPDATE SET {updates}",
                 // Number duplicates so a multiset join matches them pairwise.
                 format!(
                     "(SELECT s.*, row_number() OVER (PARTITION BY {cols}) AS _tally_n FROM {source} s)",
-                    cols = names.iter().map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+                    cols = names
+                        .iter()
+                        .map(|c| format!("s.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             }
         };
-        let extra_join = if all_groups_visible { "" } else { " AND e._tally_n = f._tally_n" };
+        let extra_join = if all_groups_visible {
+            ""
+        } else {
+            " AND e._tally_n = f._tally_n"
+        };
         format!(
             "WITH expected AS (SELECT true AS _tally_present, * FROM {expected}),
 found AS (SELECT true AS _tally_present, {names} FROM {table})
@@ -511,12 +564,20 @@ ORDER BY 1",
             expected = format!("jsonb_to_recordset($1::jsonb) AS x({})", columns.join(", ")),
             names = names.join(", "),
             table = self.quoted_name(),
-            key_json = if key_json.is_empty() { "".into() } else { key_json.join(", ") },
+            key_json = if key_json.is_empty() {
+                "".into()
+            } else {
+                key_json.join(", ")
+            },
             expected_json = row_json("e"),
             found_json = row_json("f"),
             e_source = numbered("expected"),
             f_source = numbered("found"),
-            differs = if differs.is_empty() { "false".into() } else { differs.join(" OR ") },
+            differs = if differs.is_empty() {
+                "false".into()
+            } else {
+                differs.join(" OR ")
+            },
         )
     }
 }

@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tally::apply::runner::apply_lines;
 use tally::apply::{ApplyStats, Model};
 use tally::config::Config;
-use tally::ops::verify::{verify_views, Difference};
+use tally::ops::verify::{Difference, verify_views};
 use tally::pgcluster::PgCluster;
 use tokio_postgres::Client;
 
@@ -46,7 +46,11 @@ impl TestEnv {
             target_url,
             dir,
         };
-        env.source().await.batch_execute(source_schema).await.expect("source schema");
+        env.source()
+            .await
+            .batch_execute(source_schema)
+            .await
+            .expect("source schema");
         env
     }
 
@@ -69,7 +73,9 @@ impl TestEnv {
     /// Loads the views, reads the source's shapes, prepares the target.
     pub async fn model(&self) -> Arc<Model> {
         let views = tally::views::load_views(&self.config().views).expect("views load");
-        let model = Model::load(&self.source().await, views).await.expect("model");
+        let model = Model::load(&self.source().await, views)
+            .await
+            .expect("model");
         model
             .ensure_target_schema(&mut self.target().await)
             .await
@@ -77,11 +83,23 @@ impl TestEnv {
         Arc::new(model)
     }
 
-    pub async fn apply(&self, model: &Arc<Model>, lines: &[String], parallel: usize, batch: usize) -> ApplyStats {
+    pub async fn apply(
+        &self,
+        model: &Arc<Model>,
+        lines: &[String],
+        parallel: usize,
+        batch: usize,
+    ) -> ApplyStats {
         let text = lines.join("\n") + "\n";
-        apply_lines(text.as_bytes(), &self.target_url, model.clone(), parallel, batch)
-            .await
-            .expect("apply")
+        apply_lines(
+            text.as_bytes(),
+            &self.target_url,
+            model.clone(),
+            parallel,
+            batch,
+        )
+        .await
+        .expect("apply")
     }
 
     pub async fn verify(&self, model: &Model) -> Vec<Difference> {
@@ -98,7 +116,14 @@ impl TestEnv {
 }
 
 /// Builds Debezium envelopes with Tally's `commit_lsn`.
-pub fn envelope(op: &str, table: &str, before: Value, after: Value, commit_lsn: u64, lsn: u64) -> String {
+pub fn envelope(
+    op: &str,
+    table: &str,
+    before: Value,
+    after: Value,
+    commit_lsn: u64,
+    lsn: u64,
+) -> String {
     json!({
         "before": before,
         "after": after,
