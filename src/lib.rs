@@ -3,4 +3,5 @@
 //! of order. See `DESIGN.md` for the architecture.
 
 pub mod event;
+pub mod pgcluster;
 pub mod views;
