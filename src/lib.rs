@@ -8,5 +8,6 @@ pub mod config;
 pub mod db;
 pub mod event;
 pub mod ops;
+pub mod pgcluster;
 pub mod transport;
 pub mod views;
