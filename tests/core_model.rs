@@ -95,7 +95,7 @@ proptest! {
         // (its transaction's commit LSN, its own LSN).
         let mut events: Vec<RowChange> = Vec::new();
         let mut versions: HashMap<RowId, HashMap<OrderKey, Option<Row>>> = HashMap::new();
-        let mut alive = vec![false; ROWS];
+        let mut alive = [false; ROWS];
         let mut lsn = 1000u64;
         let mut index = 0;
         for size in transaction_sizes {

@@ -153,11 +153,11 @@ pub fn coalesce(
     }
     let mut latest: HashMap<RowId, RowChange> = HashMap::new();
     for change in changes {
-        if let Some(truncate_key) = latest_truncate.get(&change.id.table) {
-            if change.key <= *truncate_key {
-                stats.stale += 1;
-                continue;
-            }
+        if let Some(truncate_key) = latest_truncate.get(&change.id.table)
+            && change.key <= *truncate_key
+        {
+            stats.stale += 1;
+            continue;
         }
         match latest.get_mut(&change.id) {
             None => {
@@ -201,10 +201,10 @@ fn merge_unchanged_toast(mut newer: RowChange, older: Option<&RowChange>) -> Row
 /// Replaces placeholder values in `row` with the ones in `previous`.
 pub fn fill_unchanged_toast(row: &mut Row, previous: Option<&Row>) {
     for (column, value) in row.iter_mut() {
-        if value.as_str() == Some(UNCHANGED_TOAST) {
-            if let Some(stored) = previous.and_then(|p| p.get(column)) {
-                *value = stored.clone();
-            }
+        if value.as_str() == Some(UNCHANGED_TOAST)
+            && let Some(stored) = previous.and_then(|p| p.get(column))
+        {
+            *value = stored.clone();
         }
     }
 }

@@ -40,20 +40,19 @@ pub fn decode(
             let pk = primary_key_text(table, after, "after")?;
             let image = project(table, after, stored_columns)?;
             let mut rows = Vec::with_capacity(2);
-            if event.op == Op::Update {
-                if let Some(before) = &event.before {
-                    // With REPLICA IDENTITY DEFAULT, `before` is set only when
-                    // the key changed, and then it holds the old key.
-                    if table.primary_key.iter().all(|c| before.contains_key(c)) {
-                        let old_pk = primary_key_text(table, before, "before")?;
-                        if old_pk != pk {
-                            rows.push(RowChange {
-                                id: row_id(table, old_pk),
-                                key,
-                                image: Image::Deleted,
-                            });
-                        }
-                    }
+            // With REPLICA IDENTITY DEFAULT, an update's `before` is set only
+            // when the key changed, and then it holds the old key.
+            if event.op == Op::Update
+                && let Some(before) = &event.before
+                && table.primary_key.iter().all(|c| before.contains_key(c))
+            {
+                let old_pk = primary_key_text(table, before, "before")?;
+                if old_pk != pk {
+                    rows.push(RowChange {
+                        id: row_id(table, old_pk),
+                        key,
+                        image: Image::Deleted,
+                    });
                 }
             }
             rows.push(RowChange {

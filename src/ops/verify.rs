@@ -27,6 +27,8 @@ pub struct Difference {
     pub expected: Option<Value>,
     /// What the view table holds; `None`: the table has no such row.
     pub found: Option<Value>,
+    /// The columns whose values differ (all of them when a row is missing).
+    pub columns: Vec<String>,
 }
 
 /// Compares every view; returns all differences (empty when equal).
@@ -37,7 +39,7 @@ pub async fn verify_views(
 ) -> Result<Vec<Difference>, VerifyError> {
     let mut differences = Vec::new();
     for view in model.views() {
-        let expected: Value = source
+        let expected: String = source
             .query_one(&view.expected_rows_sql(), &[])
             .await
             .map_err(|err| VerifyError::Source {
@@ -58,6 +60,7 @@ pub async fn verify_views(
                 key: row.get(0),
                 expected: row.get(1),
                 found: row.get(2),
+                columns: serde_json::from_value(row.get(3)).unwrap_or_default(),
             });
         }
     }
@@ -125,12 +128,14 @@ mod tests {
                 key: json!({"customer_id": 1}),
                 expected: Some(json!({"customer_id": 1, "balance": "10.00"})),
                 found: Some(json!({"customer_id": 1, "balance": "12.00"})),
+                columns: vec!["balance".into()],
             },
             Difference {
                 view: "balance".into(),
                 key: json!({"customer_id": 2}),
                 expected: None,
                 found: Some(json!({"customer_id": 2, "balance": "1.00"})),
+                columns: vec!["customer_id".into(), "balance".into()],
             },
         ];
         let report = render_report(&differences, 3, 1);

@@ -463,10 +463,11 @@ ON CONFLICT ({conflict_target}) DO UPDATE SET {updates}",
         })
     }
 
-    /// Run on the source: every row the view must hold, as one jsonb array.
+    /// Run on the source: every row the view must hold, as the text of one
+    /// jsonb array (text, so numbers stay exact on their way to the target).
     pub fn expected_rows_sql(&self) -> String {
         format!(
-            "SELECT COALESCE(jsonb_agg(to_jsonb(_tally_expected)), '[]'::jsonb) FROM ({}) AS _tally_expected",
+            "SELECT COALESCE(jsonb_agg(to_jsonb(_tally_expected)), '[]'::jsonb)::text FROM ({}) AS _tally_expected",
             self.def.select_sql
         )
     }
@@ -488,35 +489,30 @@ ON CONFLICT ({conflict_target}) DO UPDATE SET {updates}",
             .iter()
             .map(|o| quote_ident(&o.name))
             .collect();
-        let key_names: Vec<String> = self
-            .def
-            .outputs
-            .iter()
-            .filter(|o| matches!(o.source, OutputSource::Group(_)))
-            .map(|o| quote_ident(&o.name))
-            .collect();
-        let all_groups_visible = self.def.groups.iter().all(|g| g.visible);
-        // Join on the group key when it is visible; otherwise compare the
-        // two sides as multisets of whole rows.
-        let join_columns = if all_groups_visible {
-            &key_names
-        } else {
-            &names
-        };
-        let join = if join_columns.is_empty() {
-            "true".to_string()
-        } else {
-            join_columns
+        // Rows match on the group key when it is visible; otherwise the two
+        // sides are compared as multisets of whole rows. Keys are jsonb so
+        // NULL groups match and the join can hash.
+        let key_columns: Vec<String> = if self.def.groups.iter().all(|g| g.visible) {
+            self.def
+                .outputs
                 .iter()
-                .map(|c| format!("e.{c} IS NOT DISTINCT FROM f.{c}"))
-                .collect::<Vec<_>>()
-                .join(" AND ")
+                .filter(|o| matches!(o.source, OutputSource::Group(_)))
+                .map(|o| quote_ident(&o.name))
+                .collect()
+        } else {
+            names.clone()
         };
-        let differs: Vec<String> = names
+        let key = key_columns
             .iter()
-            .map(|c| format!("e.{c} IS DISTINCT FROM f.{c}"))
-            .collect();
-        let key_json: Vec<String> = join_columns
+            .map(|c| format!("s.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let keyed = |source: &str| {
+            format!(
+                "(SELECT s.*, jsonb_build_array({key}) AS _tally_key, row_number() OVER (PARTITION BY jsonb_build_array({key})) AS _tally_n FROM {source} s)"
+            )
+        };
+        let key_json: Vec<String> = key_columns
             .iter()
             .map(|c| {
                 format!(
@@ -532,52 +528,35 @@ ON CONFLICT ({conflict_target}) DO UPDATE SET {updates}",
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let numbered = |source: &str| {
-            if all_groups_visible {
-                source.to_string()
-            } else {
-                // Number duplicates so a multiset join matches them pairwise.
-                format!(
-                    "(SELECT s.*, row_number() OVER (PARTITION BY {cols}) AS _tally_n FROM {source} s)",
-                    cols = names
-                        .iter()
-                        .map(|c| format!("s.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }
-        };
-        let extra_join = if all_groups_visible {
-            ""
-        } else {
-            " AND e._tally_n = f._tally_n"
-        };
+        let differs: Vec<String> = names
+            .iter()
+            .map(|c| format!("e.{c} IS DISTINCT FROM f.{c}"))
+            .collect();
         format!(
-            "WITH expected AS (SELECT true AS _tally_present, * FROM {expected}),
+            "WITH expected AS (SELECT true AS _tally_present, * FROM jsonb_to_recordset($1::text::jsonb) AS x({columns})),
 found AS (SELECT true AS _tally_present, {names} FROM {table})
 SELECT jsonb_build_object({key_json}),
        CASE WHEN e._tally_present THEN jsonb_build_object({expected_json}) END,
-       CASE WHEN f._tally_present THEN jsonb_build_object({found_json}) END
-FROM {e_source} e FULL JOIN {f_source} f ON {join}{extra_join}
+       CASE WHEN f._tally_present THEN jsonb_build_object({found_json}) END,
+       to_jsonb(array_remove(ARRAY[{which}]::text[], NULL))
+FROM {expected_side} e FULL JOIN {found_side} f
+  ON e._tally_key = f._tally_key AND e._tally_n = f._tally_n
 WHERE e._tally_present IS NULL OR f._tally_present IS NULL OR {differs}
 ORDER BY 1",
-            expected = format!("jsonb_to_recordset($1::jsonb) AS x({})", columns.join(", ")),
+            columns = columns.join(", "),
             names = names.join(", "),
             table = self.quoted_name(),
-            key_json = if key_json.is_empty() {
-                "".into()
-            } else {
-                key_json.join(", ")
-            },
+            key_json = key_json.join(", "),
             expected_json = row_json("e"),
             found_json = row_json("f"),
-            e_source = numbered("expected"),
-            f_source = numbered("found"),
-            differs = if differs.is_empty() {
-                "false".into()
-            } else {
-                differs.join(" OR ")
-            },
+            expected_side = keyed("expected"),
+            found_side = keyed("found"),
+            which = names
+                .iter()
+                .map(|c| format!("CASE WHEN e.{c} IS DISTINCT FROM f.{c} THEN {} END", sql_string(c)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            differs = if differs.is_empty() { "false".to_string() } else { differs.join(" OR ") },
         )
     }
 }
