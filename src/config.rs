@@ -61,16 +61,11 @@ pub struct ApplyConfig {
     /// Events per target transaction at most. Bigger batches coalesce more
     /// and amortise the commit; smaller ones lower latency.
     pub batch_size: usize,
-    /// Deliveries after which an event that keeps failing is dead-lettered.
-    pub max_attempts: u32,
 }
 
 impl Default for ApplyConfig {
     fn default() -> Self {
-        ApplyConfig {
-            batch_size: 4000,
-            max_attempts: 5,
-        }
+        ApplyConfig { batch_size: 4000 }
     }
 }
 
@@ -121,7 +116,7 @@ impl Config {
         let mut raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Invalid {
             path: path.to_path_buf(),
             message: format!(
-                "{}. Valid keys: views, [source] url, [target] url, [transport] kind (\"embedded\" or \"nats\") and url, [apply] batch_size and max_attempts.",
+                "{}. Valid keys: views, [source] url, [target] url, [transport] kind (\"embedded\" or \"nats\") and url, [apply] batch_size.",
                 err.message()
             ),
         })?;

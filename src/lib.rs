@@ -9,5 +9,6 @@ pub mod db;
 pub mod event;
 pub mod ops;
 pub mod pgcluster;
+pub mod progress;
 pub mod transport;
 pub mod views;

@@ -9,9 +9,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use tally::apply::Model;
-use tally::apply::runner::apply_lines;
+use tally::apply::runner::apply_lines_counted;
 use tally::config::{Config, redact_url};
 use tally::ops::verify::{render_report, verify_views};
+use tally::progress::{Counter, Reporter};
 use tally::transport::file::open_input;
 
 /// Tally keeps SQL-defined aggregates (sums, counts, averages, ratios) of a
@@ -130,9 +131,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("cannot open input {}", input.display()))?;
             let started = Instant::now();
             let batch_size = batch_size.unwrap_or(config.apply.batch_size).max(1);
-            let stats = apply_lines(reader, &config.target_url, model, parallel, batch_size)
-                .await
-                .with_context(|| format!("applying to {}", redact_url(&config.target_url)))?;
+            let committed = Counter::default();
+            let reporter = Reporter::start("events applied", committed.clone(), None);
+            let stats = apply_lines_counted(
+                reader,
+                &config.target_url,
+                model,
+                parallel,
+                batch_size,
+                committed,
+            )
+            .await
+            .with_context(|| format!("applying to {}", redact_url(&config.target_url)))?;
+            drop(reporter);
             let elapsed = started.elapsed().as_secs_f64();
             let events = stats.applied
                 + stats.coalesced

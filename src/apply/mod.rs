@@ -37,6 +37,8 @@ pub enum ApplyError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     View(#[from] ViewTableError),
+    #[error("reading input: {0}")]
+    Input(String),
     #[error("target database: {0}")]
     Target(String),
     #[error("view \"{view}\": {message}")]

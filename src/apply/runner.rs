@@ -8,6 +8,7 @@ use tokio::io::AsyncBufRead;
 use tokio::sync::{Mutex, mpsc};
 
 use super::{Applier, ApplyError, ApplyStats, Model};
+use crate::progress::Counter;
 use crate::transport::file::for_each_chunk;
 
 /// Applies every line of `input` with `parallel` appliers; returns the sum
@@ -19,6 +20,27 @@ pub async fn apply_lines(
     parallel: usize,
     batch_size: usize,
 ) -> Result<ApplyStats, ApplyError> {
+    apply_lines_counted(
+        input,
+        target_url,
+        model,
+        parallel,
+        batch_size,
+        Counter::default(),
+    )
+    .await
+}
+
+/// [`apply_lines`], adding the number of committed messages to `committed`
+/// as it goes (for progress display).
+pub async fn apply_lines_counted(
+    input: impl AsyncBufRead + Unpin,
+    target_url: &str,
+    model: Arc<Model>,
+    parallel: usize,
+    batch_size: usize,
+    committed: Counter,
+) -> Result<ApplyStats, ApplyError> {
     let parallel = parallel.max(1);
     let (sender, receiver) = mpsc::channel::<Vec<String>>(parallel * 2);
     let receiver = Arc::new(Mutex::new(receiver));
@@ -26,12 +48,14 @@ pub async fn apply_lines(
     for _ in 0..parallel {
         let mut applier = Applier::connect(target_url, model.clone()).await?;
         let receiver = receiver.clone();
+        let committed = committed.clone();
         workers.push(tokio::spawn(async move {
             let mut total = ApplyStats::default();
             loop {
                 let batch = receiver.lock().await.recv().await;
                 let Some(batch) = batch else { break };
                 total += applier.apply_messages(&batch).await?;
+                committed.add(batch.len() as u64);
             }
             Ok::<ApplyStats, ApplyError>(total)
         }));
@@ -59,6 +83,6 @@ pub async fn apply_lines(
     if let Some(err) = first_error {
         return Err(err);
     }
-    read.map_err(|err| ApplyError::Target(format!("reading input: {err}")))?;
+    read.map_err(|err| ApplyError::Input(err.to_string()))?;
     Ok(total)
 }
