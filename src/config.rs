@@ -69,6 +69,26 @@ impl Default for ApplyConfig {
     }
 }
 
+/// Where capture reads the source's changes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// The logical replication slot: the source keeps WAL for it until
+    /// Tally confirms, so nothing is lost across restarts.
+    pub slot: String,
+    /// The publication listing the tables whose changes are captured.
+    pub publication: String,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            slot: "tally".into(),
+            publication: "tally".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -81,6 +101,8 @@ struct RawConfig {
     transport: TransportConfig,
     #[serde(default)]
     apply: ApplyConfig,
+    #[serde(default)]
+    capture: CaptureConfig,
 }
 
 /// A complete, checked configuration.
@@ -92,6 +114,7 @@ pub struct Config {
     /// The views file, resolved relative to the config file's folder.
     pub views: PathBuf,
     pub apply: ApplyConfig,
+    pub capture: CaptureConfig,
 }
 
 impl Config {
@@ -116,7 +139,7 @@ impl Config {
         let mut raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Invalid {
             path: path.to_path_buf(),
             message: format!(
-                "{}. Valid keys: views, [source] url, [target] url, [transport] kind (\"embedded\" or \"nats\") and url, [apply] batch_size.",
+                "{}. Valid keys: views, [source] url, [target] url, [transport] kind (\"embedded\" or \"nats\") and url, [apply] batch_size, [capture] slot and publication.",
                 err.message()
             ),
         })?;
@@ -169,6 +192,7 @@ impl Config {
             transport: raw.transport,
             views: base_dir.join(views),
             apply: raw.apply,
+            capture: raw.capture,
         })
     }
 }

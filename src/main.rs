@@ -58,6 +58,16 @@ enum Command {
         #[arg(long, value_name = "N")]
         batch_size: Option<usize>,
     },
+    /// Stream the source's changes (logical replication) as Debezium JSON
+    /// lines. Creates the publication and the replication slot if missing;
+    /// resumes where the slot was confirmed. Stop with Ctrl-C or SIGTERM.
+    Capture {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Append events to FILE, or write them to stdout with `-`.
+        #[arg(long, short, value_name = "FILE|-")]
+        output: Option<PathBuf>,
+    },
     /// Compare every view table with its SELECT run on the source; print
     /// the differences; exit 1 if there are any.
     Verify {
@@ -85,6 +95,16 @@ fn main() -> ExitCode {
             eprintln!("error: {}", error_text(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("cannot listen for SIGTERM");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
     }
 }
 
@@ -163,6 +183,40 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(2));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Capture { config, output } => {
+            let config = Config::load(&config.config)?;
+            let Some(output) = output else {
+                anyhow::bail!(
+                    "capture without --output needs a transport, which is not built yet; pass --output FILE or --output -"
+                );
+            };
+            let views = tally::views::load_views(&config.views)?;
+            let mut tables: Vec<_> = views.iter().map(|v| v.source.clone()).collect();
+            tables.sort();
+            tables.dedup();
+            let source = tally::db::connect(&config.source_url).await?;
+            tally::capture::prepare_source(&source, &config.capture, &tables).await?;
+            tally::capture::ensure_slot(&source, &config.source_url, &config.capture.slot).await?;
+            let database: String = source.query_one("SELECT current_database()::text", &[]).await?.get(0);
+            let mut sink = tally::capture::LinesSink::open(&output)
+                .await
+                .with_context(|| format!("cannot open output {}", output.display()))?;
+            let stats = tally::capture::stream_changes(
+                &config.source_url,
+                &config.capture,
+                &database,
+                &mut sink,
+                shutdown_signal(),
+            )
+            .await?;
+            eprintln!(
+                "captured {} events in {} transactions; slot confirmed up to {}",
+                stats.events,
+                stats.transactions,
+                tally::event::format_lsn(stats.confirmed_lsn)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { config, limit } => {
