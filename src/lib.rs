@@ -3,6 +3,7 @@
 //! of order. See `DESIGN.md` for the architecture.
 
 pub mod apply;
+pub mod capture;
 pub mod catalog;
 pub mod config;
 pub mod db;

@@ -1,0 +1,3 @@
+//! Change capture straight from PostgreSQL logical replication.
+
+pub mod pgoutput;
