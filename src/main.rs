@@ -199,7 +199,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let source = tally::db::connect(&config.source_url).await?;
             tally::capture::prepare_source(&source, &config.capture, &tables).await?;
             tally::capture::ensure_slot(&source, &config.source_url, &config.capture.slot).await?;
-            let database: String = source.query_one("SELECT current_database()::text", &[]).await?.get(0);
+            let database: String = source
+                .query_one("SELECT current_database()::text", &[])
+                .await?
+                .get(0);
             let mut sink = tally::capture::LinesSink::open(&output)
                 .await
                 .with_context(|| format!("cannot open output {}", output.display()))?;

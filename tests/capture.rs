@@ -40,7 +40,13 @@ const ROLLED_BACK_IDS: i64 = 1_000_000_000;
 
 fn start_capture(config: &Path, output: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["capture", "--config", config.to_str().unwrap(), "--output", output.to_str().unwrap()])
+        .args([
+            "capture",
+            "--config",
+            config.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ])
         .env("TALLY_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -51,7 +57,14 @@ fn start_capture(config: &Path, output: &Path) -> Child {
 /// A committed change the file must contain: (transaction id, op, row id).
 type Expected = (u32, char, i64);
 
-async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>, next_id: Arc<Mutex<i64>>, expected: Arc<Mutex<Vec<Expected>>>, truncate_once: bool) {
+async fn writer(
+    url: String,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    next_id: Arc<Mutex<i64>>,
+    expected: Arc<Mutex<Vec<Expected>>>,
+    truncate_once: bool,
+) {
     let mut client = tally::db::connect(&url).await.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut mine: Vec<i64> = Vec::new();
@@ -59,7 +72,11 @@ async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>, next_id: Arc<Mute
     while !stop.load(Ordering::Relaxed) || transactions < 50 {
         transactions += 1;
         let tx = client.transaction().await.unwrap();
-        let xid: i64 = tx.query_one("SELECT txid_current()", &[]).await.unwrap().get(0);
+        let xid: i64 = tx
+            .query_one("SELECT txid_current()", &[])
+            .await
+            .unwrap()
+            .get(0);
         let xid = (xid & 0xFFFF_FFFF) as u32;
         let mut changes: Vec<Expected> = Vec::new();
         let statements = rng.random_range(1..=3);
@@ -72,8 +89,16 @@ async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>, next_id: Arc<Mute
                 continue;
             }
             if choice < 40 || mine.is_empty() {
-                let id = { let mut n = next_id.lock().await; *n += 1; *n };
-                let amount = format!("{}.{:02}", rng.random_range(0..1000), rng.random_range(0..100));
+                let id = {
+                    let mut n = next_id.lock().await;
+                    *n += 1;
+                    *n
+                };
+                let amount = format!(
+                    "{}.{:02}",
+                    rng.random_range(0..1000),
+                    rng.random_range(0..100)
+                );
                 tx.execute(
                     "INSERT INTO items VALUES ($1, $2, $3, $4::text::numeric, NULL, repeat('x', $5))",
                     &[&id, &rng.random_range(1..10i32), &rng.random_range(-5..50i32), &amount, &rng.random_range(0..30i32)],
@@ -86,23 +111,47 @@ async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>, next_id: Arc<Mute
             let id = mine[index];
             match choice {
                 40..=64 => {
-                    let n = tx.execute("UPDATE items SET amount = amount + 1.50, grp = $2 WHERE id = $1", &[&id, &rng.random_range(1..10i32)]).await.unwrap();
-                    if n == 1 { changes.push((xid, 'u', id)); }
+                    let n = tx
+                        .execute(
+                            "UPDATE items SET amount = amount + 1.50, grp = $2 WHERE id = $1",
+                            &[&id, &rng.random_range(1..10i32)],
+                        )
+                        .await
+                        .unwrap();
+                    if n == 1 {
+                        changes.push((xid, 'u', id));
+                    }
                 }
                 65..=74 => {
                     let n = tx.execute("UPDATE items SET deleted_at = CASE WHEN deleted_at IS NULL THEN now() END WHERE id = $1", &[&id]).await.unwrap();
-                    if n == 1 { changes.push((xid, 'u', id)); }
+                    if n == 1 {
+                        changes.push((xid, 'u', id));
+                    }
                 }
                 75..=84 => {
-                    let new_id = { let mut n = next_id.lock().await; *n += 1; *n };
-                    let n = tx.execute("UPDATE items SET id = $2 WHERE id = $1", &[&id, &new_id]).await.unwrap();
+                    let new_id = {
+                        let mut n = next_id.lock().await;
+                        *n += 1;
+                        *n
+                    };
+                    let n = tx
+                        .execute("UPDATE items SET id = $2 WHERE id = $1", &[&id, &new_id])
+                        .await
+                        .unwrap();
                     mine[index] = new_id;
-                    if n == 1 { changes.push((xid, 'u', new_id)); }
+                    if n == 1 {
+                        changes.push((xid, 'u', new_id));
+                    }
                 }
                 _ => {
-                    let n = tx.execute("DELETE FROM items WHERE id = $1", &[&id]).await.unwrap();
+                    let n = tx
+                        .execute("DELETE FROM items WHERE id = $1", &[&id])
+                        .await
+                        .unwrap();
                     mine.swap_remove(index);
-                    if n == 1 { changes.push((xid, 'd', id)); }
+                    if n == 1 {
+                        changes.push((xid, 'd', id));
+                    }
                 }
             }
         }
@@ -129,9 +178,21 @@ async fn capture_killed_twice_loses_nothing_and_invents_nothing() {
     // Changes count from the slot's creation: wait for it.
     let started = Instant::now();
     loop {
-        let slots: i64 = source.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tally'", &[]).await.unwrap().get(0);
-        if slots == 1 { break; }
-        assert!(started.elapsed() < Duration::from_secs(20), "capture never created its slot");
+        let slots: i64 = source
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tally'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if slots == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "capture never created its slot"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -139,7 +200,16 @@ async fn capture_killed_twice_loses_nothing_and_invents_nothing() {
     let next_id = Arc::new(Mutex::new(0i64));
     let expected = Arc::new(Mutex::new(Vec::new()));
     let writers: Vec<_> = (0..4)
-        .map(|i| tokio::spawn(writer(env.source_url.clone(), i, stop.clone(), next_id.clone(), expected.clone(), i == 0)))
+        .map(|i| {
+            tokio::spawn(writer(
+                env.source_url.clone(),
+                i,
+                stop.clone(),
+                next_id.clone(),
+                expected.clone(),
+                i == 0,
+            ))
+        })
         .collect();
 
     for _ in 0..2 {
@@ -151,20 +221,33 @@ async fn capture_killed_twice_loses_nothing_and_invents_nothing() {
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
-    for w in writers { w.await.unwrap(); }
+    for w in writers {
+        w.await.unwrap();
+    }
 
     // Let capture catch up to the end of the WAL, then stop it gracefully.
-    let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let end: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     let started = Instant::now();
     loop {
         let caught_up: bool = source
             .query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tally'", &[&end])
             .await.unwrap().get(0);
-        if caught_up { break; }
-        assert!(started.elapsed() < Duration::from_secs(60), "capture did not catch up");
+        if caught_up {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "capture did not catch up"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    unsafe { libc::kill(capture.id() as i32, libc::SIGTERM); }
+    unsafe {
+        libc::kill(capture.id() as i32, libc::SIGTERM);
+    }
     let status = capture.wait().unwrap();
     assert!(status.success(), "capture exits 0 on SIGTERM: {status:?}");
 
@@ -174,20 +257,33 @@ async fn capture_killed_twice_loses_nothing_and_invents_nothing() {
     let mut lines = 0;
     for line in text.lines() {
         lines += 1;
-        let event: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("torn line {line:?}: {e}"));
+        let event: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("torn line {line:?}: {e}"));
         let op = event["op"].as_str().unwrap().chars().next().unwrap();
         let xid = event["source"]["txId"].as_u64().unwrap() as u32;
         for side in ["before", "after"] {
             if let Some(id) = event[side]["id"].as_i64() {
-                assert!(id < ROLLED_BACK_IDS, "a rolled-back change was captured: {line}");
+                assert!(
+                    id < ROLLED_BACK_IDS,
+                    "a rolled-back change was captured: {line}"
+                );
                 seen.insert((xid, op, id));
             }
         }
     }
     let expected = expected.lock().await;
     let missing: Vec<&Expected> = expected.iter().filter(|e| !seen.contains(e)).collect();
-    assert!(missing.is_empty(), "{} of {} committed changes missing, e.g. {:?}", missing.len(), expected.len(), &missing[..missing.len().min(5)]);
-    eprintln!("{lines} events captured for {} committed changes", expected.len());
+    assert!(
+        missing.is_empty(),
+        "{} of {} committed changes missing, e.g. {:?}",
+        missing.len(),
+        expected.len(),
+        &missing[..missing.len().min(5)]
+    );
+    eprintln!(
+        "{lines} events captured for {} committed changes",
+        expected.len()
+    );
 
     // Applied, the file makes every view equal its SELECT on the source.
     let model = env.model().await;

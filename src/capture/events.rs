@@ -20,7 +20,9 @@ pub enum Step {
     Events(Vec<String>),
     /// A transaction ended at `end_lsn`: once everything before is durable
     /// the slot may be confirmed up to here.
-    Commit { end_lsn: u64 },
+    Commit {
+        end_lsn: u64,
+    },
     Nothing,
 }
 
@@ -78,7 +80,13 @@ impl EventBuilder {
             PgOutputMessage::Insert { relation_id, new } => {
                 let relation = self.relation(relation_id)?;
                 let after = self.row(relation, &new)?;
-                Ok(Step::Events(vec![self.envelope(relation, "c", Value::Null, after, lsn)?]))
+                Ok(Step::Events(vec![self.envelope(
+                    relation,
+                    "c",
+                    Value::Null,
+                    after,
+                    lsn,
+                )?]))
             }
             PgOutputMessage::Update {
                 relation_id,
@@ -92,7 +100,9 @@ impl EventBuilder {
                     None => Value::Null,
                 };
                 let after = self.row(relation, &new)?;
-                Ok(Step::Events(vec![self.envelope(relation, "u", before, after, lsn)?]))
+                Ok(Step::Events(vec![
+                    self.envelope(relation, "u", before, after, lsn)?,
+                ]))
             }
             PgOutputMessage::Delete {
                 relation_id,
@@ -104,7 +114,13 @@ impl EventBuilder {
                     Some(tuple) => self.row(relation, tuple)?,
                     None => return Err(format!("delete on {} without its key", relation.name)),
                 };
-                Ok(Step::Events(vec![self.envelope(relation, "d", before, Value::Null, lsn)?]))
+                Ok(Step::Events(vec![self.envelope(
+                    relation,
+                    "d",
+                    before,
+                    Value::Null,
+                    lsn,
+                )?]))
             }
             PgOutputMessage::Truncate { relation_ids, .. } => {
                 let mut events = Vec::with_capacity(relation_ids.len());
@@ -114,9 +130,9 @@ impl EventBuilder {
                 }
                 Ok(Step::Events(events))
             }
-            PgOutputMessage::Type { .. } | PgOutputMessage::Origin { .. } | PgOutputMessage::Message { .. } => {
-                Ok(Step::Nothing)
-            }
+            PgOutputMessage::Type { .. }
+            | PgOutputMessage::Origin { .. }
+            | PgOutputMessage::Message { .. } => Ok(Step::Nothing),
         }
     }
 
@@ -132,7 +148,14 @@ impl EventBuilder {
             .map_err(|err| err.to_string())
     }
 
-    fn envelope(&self, relation: &Relation, op: &str, before: Value, after: Value, lsn: u64) -> Result<String, String> {
+    fn envelope(
+        &self,
+        relation: &Relation,
+        op: &str,
+        before: Value,
+        after: Value,
+        lsn: u64,
+    ) -> Result<String, String> {
         let transaction = self
             .transaction
             .ok_or_else(|| format!("change to {} outside a transaction", relation.name))?;

@@ -61,8 +61,7 @@ impl From<tokio_postgres::Error> for CaptureError {
 }
 
 const WAL_LEVEL: &str = "SHOW wal_level";
-const MAY_REPLICATE: &str =
-    "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user";
+const MAY_REPLICATE: &str = "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user";
 const TABLE_IDENTITY: &str = "
 SELECT c.relreplident::text,
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
@@ -89,7 +88,9 @@ pub async fn prepare_source(
     }
     for table in tables {
         let Some(row) = source.query_opt(TABLE_IDENTITY, &[&table.quoted()]).await? else {
-            return Err(CaptureError::Setup(format!("table {table} does not exist on the source")));
+            return Err(CaptureError::Setup(format!(
+                "table {table} does not exist on the source"
+            )));
         };
         let identity: String = row.get(0);
         let has_primary_key: bool = row.get(1);
@@ -98,8 +99,16 @@ pub async fn prepare_source(
         }
     }
     let publication = &config.publication;
-    let exists: bool = source.query_one(PUBLICATION_EXISTS, &[publication]).await?.get(0);
-    let table_list = |list: &[&TableName]| list.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ");
+    let exists: bool = source
+        .query_one(PUBLICATION_EXISTS, &[publication])
+        .await?
+        .get(0);
+    let table_list = |list: &[&TableName]| {
+        list.iter()
+            .map(|t| t.quoted())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     if !exists {
         let all: Vec<&TableName> = tables.iter().collect();
         source
@@ -109,7 +118,10 @@ pub async fn prepare_source(
                 table_list(&all)
             ))
             .await?;
-        tracing::info!("created publication \"{publication}\" for {}", table_list(&all));
+        tracing::info!(
+            "created publication \"{publication}\" for {}",
+            table_list(&all)
+        );
     } else {
         let published: Vec<TableName> = source
             .query(PUBLISHED_TABLES, &[publication])
@@ -126,7 +138,10 @@ pub async fn prepare_source(
                     table_list(&missing)
                 ))
                 .await?;
-            tracing::info!("added {} to publication \"{publication}\"", table_list(&missing));
+            tracing::info!(
+                "added {} to publication \"{publication}\"",
+                table_list(&missing)
+            );
         }
     }
     Ok(())
@@ -134,7 +149,11 @@ pub async fn prepare_source(
 
 /// Creates the slot if it does not exist yet (streaming starts at the
 /// current WAL position; `bootstrap` creates it with a snapshot instead).
-pub async fn ensure_slot(source: &Client, source_url: &str, slot: &str) -> Result<(), CaptureError> {
+pub async fn ensure_slot(
+    source: &Client,
+    source_url: &str,
+    slot: &str,
+) -> Result<(), CaptureError> {
     let exists: bool = source.query_one(SLOT_EXISTS, &[&slot]).await?.get(0);
     if !exists {
         let mut connection = ReplicationConnection::connect(source_url).await?;
@@ -175,7 +194,11 @@ impl LinesSink {
             });
         }
         drop_torn_last_line(path).await?;
-        let file = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await?;
         let sync_handle = file.try_clone().await?;
         Ok(LinesSink {
             writer: tokio::io::BufWriter::with_capacity(1 << 20, Box::new(file)),
@@ -189,7 +212,12 @@ impl LinesSink {
 /// from gluing onto the next event.
 async fn drop_torn_last_line(path: &std::path::Path) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut file = match tokio::fs::OpenOptions::new().read(true).write(true).open(path).await {
+    let mut file = match tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .await
+    {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(err) => return Err(err),
@@ -209,7 +237,11 @@ async fn drop_torn_last_line(path: &std::path::Path) -> std::io::Result<()> {
         end = start;
     }
     if end < length {
-        tracing::warn!("{}: cut a torn last line of {} bytes left by a crash", path.display(), length - end);
+        tracing::warn!(
+            "{}: cut a torn last line of {} bytes left by a crash",
+            path.display(),
+            length - end
+        );
         file.set_len(end).await?;
         file.sync_data().await?;
     }
@@ -288,7 +320,9 @@ pub async fn stream_changes<S: EventSink + Send>(
 
 fn is_retryable(err: &ReplicationError) -> bool {
     match err {
-        ReplicationError::Closed | ReplicationError::Io(_) | ReplicationError::Connect { .. } => true,
+        ReplicationError::Closed | ReplicationError::Io(_) | ReplicationError::Connect { .. } => {
+            true
+        }
         // 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now
         ReplicationError::Server { code, .. } => code.starts_with("57P") || code.starts_with("08"),
         _ => false,
@@ -307,10 +341,12 @@ async fn stream_session<S: EventSink>(
         .start_logical_replication(&config.slot, 0, &config.publication)
         .await
         .map_err(|err| match err {
-            ReplicationError::Server { code, message } if code == "55006" => CaptureError::SlotActive {
-                slot: config.slot.clone(),
-                message,
-            },
+            ReplicationError::Server { code, message } if code == "55006" => {
+                CaptureError::SlotActive {
+                    slot: config.slot.clone(),
+                    message,
+                }
+            }
             other => other.into(),
         })?;
     tracing::info!("streaming changes from slot \"{}\"", config.slot);
@@ -323,10 +359,18 @@ async fn stream_session<S: EventSink>(
         let message = stream.next().await?;
         let mut reply_requested = false;
         match message {
-            StreamMessage::XLogData { wal_start, wal_end, data } => {
+            StreamMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+            } => {
                 received = received.max(wal_end);
-                let decoded = pgoutput::decode(&data).map_err(|err| CaptureError::Decode(err.to_string()))?;
-                match builder.handle(wal_start, decoded).map_err(CaptureError::Decode)? {
+                let decoded =
+                    pgoutput::decode(&data).map_err(|err| CaptureError::Decode(err.to_string()))?;
+                match builder
+                    .handle(wal_start, decoded)
+                    .map_err(CaptureError::Decode)?
+                {
                     Step::Events(events) => {
                         for event in events {
                             sink.write_event(&event).await?;
@@ -341,7 +385,10 @@ async fn stream_session<S: EventSink>(
                     Step::Nothing => {}
                 }
             }
-            StreamMessage::Keepalive { wal_end, reply_requested: wanted } => {
+            StreamMessage::Keepalive {
+                wal_end,
+                reply_requested: wanted,
+            } => {
                 received = received.max(wal_end);
                 if !builder.in_transaction() {
                     // Nothing of ours is pending before the server's position.
@@ -356,7 +403,9 @@ async fn stream_session<S: EventSink>(
                 sink.make_durable().await?;
                 stats.confirmed_lsn = written_up_to;
             }
-            stream.send_status(received, stats.confirmed_lsn, false).await?;
+            stream
+                .send_status(received, stats.confirmed_lsn, false)
+                .await?;
             last_confirm = Instant::now();
         }
     }

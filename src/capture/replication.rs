@@ -84,10 +84,11 @@ impl ReplicationConnection {
     /// Connects to the database in `url` with `replication=database`.
     pub async fn connect(url: &str) -> Result<ReplicationConnection, ReplicationError> {
         let shown = redact_url(url);
-        let config = tokio_postgres::Config::from_str(url).map_err(|err| ReplicationError::Url {
-            url: shown.clone(),
-            reason: err.to_string(),
-        })?;
+        let config =
+            tokio_postgres::Config::from_str(url).map_err(|err| ReplicationError::Url {
+                url: shown.clone(),
+                reason: err.to_string(),
+            })?;
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let host = config.get_hosts().first().cloned();
         let connect_error = |reason: String| ReplicationError::Connect {
@@ -142,7 +143,9 @@ impl ReplicationConnection {
             .authenticate(config.get_password(), &user)
             .await
             .map_err(|err| match err {
-                ReplicationError::Server { code, message } => connect_error(format!("{message} (SQLSTATE {code})")),
+                ReplicationError::Server { code, message } => {
+                    connect_error(format!("{message} (SQLSTATE {code})"))
+                }
                 other => other,
             })?;
         Ok(connection)
@@ -164,7 +167,7 @@ impl ReplicationConnection {
             Err(err) => return Err(err.into()),
         };
         let length = self.stream.read_u32().await?;
-        if length < 4 || length > 1 << 30 {
+        if !(4..=1 << 30).contains(&length) {
             return Err(ReplicationError::Protocol(format!(
                 "message '{}' claims {length} bytes",
                 tag as char
@@ -178,9 +181,15 @@ impl ReplicationConnection {
         Ok(BackendMessage { tag, body })
     }
 
-    async fn authenticate(&mut self, password: Option<&[u8]>, user: &str) -> Result<(), ReplicationError> {
+    async fn authenticate(
+        &mut self,
+        password: Option<&[u8]>,
+        user: &str,
+    ) -> Result<(), ReplicationError> {
         let need_password = || {
-            ReplicationError::Protocol("the server asks for a password and the source URL has none".into())
+            ReplicationError::Protocol(
+                "the server asks for a password and the source URL has none".into(),
+            )
         };
         loop {
             let mut message = self.read_message().await?;
@@ -213,19 +222,30 @@ impl ReplicationConnection {
                                     "the server offers SASL mechanisms {mechanisms:?}; Tally supports SCRAM-SHA-256"
                                 )));
                             }
-                            let mut scram = sasl::ScramSha256::new(password, sasl::ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut self.write_buffer)?;
+                            let mut scram = sasl::ScramSha256::new(
+                                password,
+                                sasl::ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                sasl::SCRAM_SHA_256,
+                                scram.message(),
+                                &mut self.write_buffer,
+                            )?;
                             self.flush().await?;
                             let mut reply = self.read_message().await?;
                             if reply.tag != b'R' || take_i32(&mut reply.body)? != 11 {
-                                return Err(ReplicationError::Protocol("expected SASL continue".into()));
+                                return Err(ReplicationError::Protocol(
+                                    "expected SASL continue".into(),
+                                ));
                             }
                             scram.update(&reply.body)?;
                             frontend::sasl_response(scram.message(), &mut self.write_buffer)?;
                             self.flush().await?;
                             let mut last = self.read_message().await?;
                             if last.tag != b'R' || take_i32(&mut last.body)? != 12 {
-                                return Err(ReplicationError::Protocol("expected SASL final".into()));
+                                return Err(ReplicationError::Protocol(
+                                    "expected SASL final".into(),
+                                ));
                             }
                             scram.finish(&last.body)?;
                         }
@@ -373,7 +393,11 @@ fn parse_error_response(body: &[u8]) -> ReplicationError {
 pub enum StreamMessage {
     /// WAL data: one pgoutput message, with the LSN of the record it
     /// describes.
-    XLogData { wal_start: u64, wal_end: u64, data: Vec<u8> },
+    XLogData {
+        wal_start: u64,
+        wal_end: u64,
+        data: Vec<u8>,
+    },
     /// The server's position; it wants a status update if `reply_requested`.
     Keepalive { wal_end: u64, reply_requested: bool },
 }
@@ -437,7 +461,12 @@ impl ReplicationStream {
     /// Tells the server how far we have received and durably processed
     /// WAL. The slot's confirmed position moves to `flushed`: WAL before it
     /// may be removed, and a restart resumes from it.
-    pub async fn send_status(&mut self, received: u64, flushed: u64, reply: bool) -> Result<(), ReplicationError> {
+    pub async fn send_status(
+        &mut self,
+        received: u64,
+        flushed: u64,
+        reply: bool,
+    ) -> Result<(), ReplicationError> {
         let mut payload = BytesMut::with_capacity(34);
         payload.put_u8(b'r');
         payload.put_u64(received);
