@@ -1,0 +1,212 @@
+//! Bootstrap: 100,000 rows exist before the slot; writers keep running
+//! during bootstrap; a transaction opened before the snapshot commits after
+//! the slot was requested; bootstrap is killed once and resumed. Bootstrap
+//! plus the stream from the same slot converge exactly.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+const SCHEMA: &str = "
+CREATE TABLE items (id bigint PRIMARY KEY, grp integer NOT NULL, amount numeric(12,2), deleted_at timestamptz);
+INSERT INTO items SELECT g, g % 97, (g % 1000) / 7.0, CASE WHEN g % 13 = 0 THEN now() END FROM generate_series(1, 100000) g;";
+
+const VIEWS: &str = "
+CREATE MATERIALIZED VIEW grp_totals AS
+SELECT grp, SUM(amount) AS amount, COUNT(*) AS n FROM items WHERE deleted_at IS NULL GROUP BY grp;
+CREATE MATERIALIZED VIEW everything AS SELECT COUNT(*) AS n, SUM(amount) AS amount FROM items;";
+
+fn tally(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("TALLY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>) {
+    let client = tally::db::connect(&url).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut next_id = 200_000 + seed as i64 * 1_000_000;
+    while !stop.load(Ordering::Relaxed) {
+        let id: i64 = rng.random_range(1..100_000);
+        match rng.random_range(0..4) {
+            0 => {
+                next_id += 1;
+                client
+                    .execute(
+                        "INSERT INTO items VALUES ($1, $2, 1.25, NULL)",
+                        &[&next_id, &rng.random_range(0..97i32)],
+                    )
+                    .await
+                    .unwrap();
+            }
+            1 => {
+                client.execute("UPDATE items SET amount = amount + 2.50, grp = (grp + 1) % 97 WHERE id = $1", &[&id]).await.unwrap();
+            }
+            2 => {
+                client.execute("UPDATE items SET deleted_at = CASE WHEN deleted_at IS NULL THEN now() END WHERE id = $1", &[&id]).await.unwrap();
+            }
+            _ => {
+                client
+                    .execute("DELETE FROM items WHERE id = $1", &[&id])
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "process did not finish in {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn state_has_progress(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .map(|s| s.contains("\"items\"") || s.contains("public.items"))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bootstrap_plus_stream_converge_exactly() {
+    let env = TestEnv::new(SCHEMA, VIEWS).await;
+    let config = env.config_path();
+    let config = config.to_str().unwrap();
+    let boot = env.dir.path().join("bootstrap.jsonl");
+    let stream = env.dir.path().join("stream.jsonl");
+    let state = env.dir.path().join("bootstrap.state");
+
+    // A transaction with writes, open before the snapshot is requested.
+    let mut early = env.source().await;
+    let early_tx = early.transaction().await.unwrap();
+    early_tx
+        .execute("INSERT INTO items VALUES (-1, 1, 1000.00, NULL)", &[])
+        .await
+        .unwrap();
+    early_tx
+        .execute("UPDATE items SET amount = amount + 100 WHERE id <= 50", &[])
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|i| tokio::spawn(writer(env.source_url.clone(), i, stop.clone())))
+        .collect();
+
+    let args = [
+        "bootstrap",
+        "--config",
+        config,
+        "--output",
+        boot.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+    ];
+    let mut first = tally(&args);
+    // The slot waits for the early transaction; commit it meanwhile.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    early_tx.commit().await.unwrap();
+
+    // Kill the first run once it has saved progress, then resume.
+    let started = Instant::now();
+    while !state_has_progress(&state) && first.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "bootstrap made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    let mut second = tally(&args);
+    let status =
+        tokio::task::spawn_blocking(move || wait_for(&mut second, Duration::from_secs(120)))
+            .await
+            .unwrap();
+    assert!(status.success(), "resumed bootstrap: {status:?}");
+
+    // Stream from the same slot while writers go on, then stop.
+    let mut capture = tally(&[
+        "capture",
+        "--config",
+        config,
+        "--output",
+        stream.to_str().unwrap(),
+    ]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let source = env.source().await;
+    let end: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let started = Instant::now();
+    loop {
+        let caught_up: bool = source
+            .query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tally'", &[&end])
+            .await.unwrap().get(0);
+        if caught_up {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "capture did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unsafe {
+        libc::kill(capture.id() as i32, libc::SIGTERM);
+    }
+    assert!(capture.wait().unwrap().success());
+
+    let mut events: Vec<String> = std::fs::read_to_string(&boot)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let snapshot_rows = events.len();
+    assert!(
+        snapshot_rows >= 100_000,
+        "bootstrap emitted {snapshot_rows} rows"
+    );
+    events.extend(
+        std::fs::read_to_string(&stream)
+            .unwrap()
+            .lines()
+            .map(str::to_string),
+    );
+    eprintln!(
+        "{snapshot_rows} snapshot events, {} streamed",
+        events.len() - snapshot_rows
+    );
+
+    let model = env.model().await;
+    let delivery = shuffle_with_duplicates(&events, 0.05, 3);
+    let stats = env.apply(&model, &delivery, 4, 4000).await;
+    assert_eq!(stats.dead_lettered, 0, "{stats}");
+    let differences = env.verify(&model).await;
+    assert!(differences.is_empty(), "{differences:#?}");
+}
