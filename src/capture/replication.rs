@@ -446,7 +446,9 @@ impl ReplicationStream {
                         }
                     }
                 }
-                b'c' => return Err(ReplicationError::Closed), // CopyDone
+                // CopyDone, CommandComplete, ReadyForQuery: the server ended
+                // the stream (e.g. it is shutting down).
+                b'c' | b'C' | b'Z' => return Err(ReplicationError::Closed),
                 b'N' => {}
                 other => {
                     return Err(ReplicationError::Protocol(format!(
