@@ -13,6 +13,11 @@ pub struct ConnectError {
     pub reason: String,
 }
 
+/// Settings every Tally session uses, so that values rendered as text (a
+/// view's group-key digest, verify's expected rows) are the same whatever
+/// the server's or role's defaults are.
+const SESSION_SETTINGS: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1";
+
 /// Opens a connection and drives it on a background task.
 pub async fn connect(url: &str) -> Result<Client, ConnectError> {
     let (client, connection) =
@@ -27,6 +32,13 @@ pub async fn connect(url: &str) -> Result<Client, ConnectError> {
             tracing::debug!("postgres connection closed: {err}");
         }
     });
+    client
+        .batch_execute(SESSION_SETTINGS)
+        .await
+        .map_err(|err| ConnectError {
+            url: redact_url(url),
+            reason: describe(&err),
+        })?;
     Ok(client)
 }
 

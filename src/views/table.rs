@@ -31,6 +31,8 @@ pub enum ViewTableError {
 
 /// Name of the hidden column counting a group's source rows.
 pub const ROWS_COLUMN: &str = "_tally_rows";
+/// Name of the hidden column holding a digest of the group key.
+const KEY_COLUMN: &str = "_tally_key";
 /// Name of the key column of a view without `GROUP BY` (one row, always).
 const SINGLE_ROW_COLUMN: &str = "_tally_one";
 
@@ -251,7 +253,9 @@ impl ViewTable {
                 ));
             }
         }
-        if !self.grouped() {
+        if self.grouped() {
+            columns.push(format!("{} uuid NOT NULL", quote_ident(KEY_COLUMN)));
+        } else {
             columns.push(format!(
                 "{} boolean PRIMARY KEY DEFAULT true CHECK ({})",
                 quote_ident(SINGLE_ROW_COLUMN),
@@ -285,10 +289,11 @@ impl ViewTable {
         )];
         if self.grouped() {
             statements.push(format!(
-                "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {table} ({}) NULLS NOT DISTINCT",
+                "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {table} ({})",
                 quote_ident(&format!("{}_group_key", self.def.name)),
-                self.group_columns().join(", ")
+                quote_ident(KEY_COLUMN)
             ));
+            statements.extend(self.lookup_indexes());
             statements.push(format!(
                 "CREATE INDEX IF NOT EXISTS {} ON {table} ({}) WHERE {} = 0",
                 quote_ident(&format!("{}_empty_groups", self.def.name)),
@@ -302,6 +307,63 @@ impl ViewTable {
             ));
         }
         statements
+    }
+
+    /// Indexes for users reading a group with plain SQL. A B-tree serves
+    /// equality and ranges, but cannot hold values over ~2.7 kB; where a
+    /// group column's type is unbounded (text, arrays, JSON), each such
+    /// column gets a hash index (equality only, any size) instead.
+    fn lookup_indexes(&self) -> Vec<String> {
+        let table = self.quoted_name();
+        let unbounded = |sql_type: &str| {
+            sql_type.ends_with("[]")
+                || ["text", "character varying", "bytea", "json", "jsonb", "xml", "citext"]
+                    .iter()
+                    .any(|t| sql_type.starts_with(t))
+        };
+        let (wide, narrow): (Vec<_>, Vec<_>) = self
+            .def
+            .groups
+            .iter()
+            .zip(&self.group_types)
+            .partition(|(_, sql_type)| unbounded(sql_type));
+        let mut statements = Vec::new();
+        if !narrow.is_empty() {
+            let columns: Vec<String> = narrow.iter().map(|(g, _)| quote_ident(&g.column)).collect();
+            statements.push(format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {table} ({})",
+                quote_ident(&format!("{}_lookup", self.def.name)),
+                columns.join(", ")
+            ));
+        }
+        for (group, _) in wide {
+            statements.push(format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {table} USING hash ({})",
+                quote_ident(&format!("{}_lookup_{}", self.def.name, group.column)),
+                quote_ident(&group.column)
+            ));
+        }
+        statements
+    }
+
+    /// The group key's digest: equal for groups `GROUP BY` puts together
+    /// (numerics compared without trailing zeros), and of fixed size, so
+    /// group values of any length can be unique-indexed. Needs the session
+    /// settings `db::connect` pins, as text output depends on them.
+    fn key_expression(&self) -> String {
+        let parts: Vec<String> = self
+            .group_types
+            .iter()
+            .enumerate()
+            .map(|(i, sql_type)| {
+                if sql_type == "numeric" {
+                    format!("trim_scale(_tally_k{i})")
+                } else {
+                    format!("_tally_k{i}")
+                }
+            })
+            .collect();
+        format!("md5(ROW({}, NULL)::text)::uuid", parts.join(", "))
     }
 
     /// The `AS r(col type, …)` list that turns a stored row (jsonb) back into
@@ -397,21 +459,23 @@ impl ViewTable {
         } else {
             String::new()
         };
-        let order_by = if self.grouped() {
-            let positions: Vec<String> = (1..=groups.len()).map(|i| i.to_string()).collect();
-            format!(" ORDER BY {}", positions.join(", "))
+        // Rows are written in key order, so parallel appliers lock group
+        // rows in the same order and do not deadlock.
+        let (leading, order_by) = if self.grouped() {
+            (format!("{} AS _tally_key, ", self.key_expression()), " ORDER BY 1")
         } else {
-            String::new()
+            ("true, ".to_string(), "")
         };
-        let mut insert_columns = self.group_columns();
-        let single_row = if self.grouped() { "" } else { "true, " };
-        if !self.grouped() {
-            insert_columns.push(quote_ident(SINGLE_ROW_COLUMN));
-        }
+        let mut insert_columns = if self.grouped() {
+            vec![quote_ident(KEY_COLUMN)]
+        } else {
+            vec![quote_ident(SINGLE_ROW_COLUMN)]
+        };
+        insert_columns.extend(self.group_columns());
         insert_columns.push(quote_ident(ROWS_COLUMN));
         insert_columns.extend(self.state_columns());
         let conflict_target = if self.grouped() {
-            self.group_columns().join(", ")
+            quote_ident(KEY_COLUMN)
         } else {
             quote_ident(SINGLE_ROW_COLUMN)
         };
@@ -436,7 +500,7 @@ impl ViewTable {
         }
         format!(
             "INSERT INTO {table} AS v ({columns})
-SELECT {single_row}* FROM (
+SELECT {leading}* FROM (
   SELECT {items}
   FROM {contributions}{group_by}
   HAVING COUNT(*) > 0
