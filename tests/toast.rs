@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const SCHEMA: &str = "CREATE TABLE docs (id int PRIMARY KEY, category text NOT NULL, hits int NOT NULL);";
+const SCHEMA: &str =
+    "CREATE TABLE docs (id int PRIMARY KEY, category text NOT NULL, hits int NOT NULL);";
 const VIEWS: &str = "CREATE MATERIALIZED VIEW hits_by_category AS
 SELECT category, SUM(hits) AS hits, COUNT(*) AS docs FROM docs GROUP BY category;";
 
@@ -19,7 +20,13 @@ async fn unchanged_toast_keeps_the_stored_group_key() {
     let env = TestEnv::new(SCHEMA, VIEWS).await;
     let output = env.dir.path().join("events.jsonl");
     let mut capture = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["capture", "--config", env.config_path().to_str().unwrap(), "--output", output.to_str().unwrap()])
+        .args([
+            "capture",
+            "--config",
+            env.config_path().to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ])
         .env("TALLY_LOG", "warn")
         .stderr(Stdio::inherit())
         .spawn()
@@ -27,8 +34,17 @@ async fn unchanged_toast_keeps_the_stored_group_key() {
     let source = env.source().await;
     let started = Instant::now();
     loop {
-        let active: i64 = source.query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[]).await.unwrap().get(0);
-        if active == 1 { break; }
+        let active: i64 = source
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE active",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if active == 1 {
+            break;
+        }
         assert!(started.elapsed() < Duration::from_secs(20));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -48,13 +64,19 @@ async fn unchanged_toast_keeps_the_stored_group_key() {
     // Updates that leave the large column alone.
     source.batch_execute("UPDATE docs SET hits = hits + 10; UPDATE docs SET hits = hits * 2 WHERE id IN (1, 11);").await.unwrap();
 
-    let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let end: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     let started = Instant::now();
     loop {
         let caught_up: bool = source
             .query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tally'", &[&end])
             .await.unwrap().get(0);
-        if caught_up { break; }
+        if caught_up {
+            break;
+        }
         assert!(started.elapsed() < Duration::from_secs(30));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -70,11 +92,25 @@ async fn unchanged_toast_keeps_the_stored_group_key() {
     let model = env.model().await;
     let stats = env.apply(&model, &events, 1, 3).await;
     if stats.dead_lettered > 0 {
-        let reasons: Vec<String> = env.target().await.query("SELECT reason FROM tally.dead_letters", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        let reasons: Vec<String> = env
+            .target()
+            .await
+            .query("SELECT reason FROM tally.dead_letters", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         panic!("{stats}: {reasons:?}");
     }
     let differences = env.verify(&model).await;
     assert!(differences.is_empty(), "{differences:#?}");
-    let groups: i64 = env.target().await.query_one("SELECT count(*) FROM hits_by_category", &[]).await.unwrap().get(0);
+    let groups: i64 = env
+        .target()
+        .await
+        .query_one("SELECT count(*) FROM hits_by_category", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(groups, 4, "no group of NULL or placeholder categories");
 }

@@ -14,7 +14,7 @@ pub mod pgoutput;
 pub mod replication;
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
@@ -318,6 +318,15 @@ pub async fn stream_changes<S: EventSink + Send>(
     }
 }
 
+/// Stops a task when the owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn is_retryable(err: &ReplicationError) -> bool {
     match err {
         ReplicationError::Closed | ReplicationError::Io(_) | ReplicationError::Connect { .. } => {
@@ -337,7 +346,7 @@ async fn stream_session<S: EventSink>(
     stats: &mut CaptureStats,
 ) -> Result<(), CaptureError> {
     let connection = ReplicationConnection::connect(source_url).await?;
-    let mut stream = connection
+    let (mut stream, mut status) = connection
         .start_logical_replication(&config.slot, 0, &config.publication)
         .await
         .map_err(|err| match err {
@@ -350,63 +359,71 @@ async fn stream_session<S: EventSink>(
             other => other.into(),
         })?;
     tracing::info!("streaming changes from slot \"{}\"", config.slot);
+    // Reading runs on its own task so that confirming the slot can be
+    // driven by a timer without cancelling a half-read message.
+    let (messages, mut inbox) = tokio::sync::mpsc::channel(1024);
+    let reader = tokio::spawn(async move {
+        loop {
+            let message = stream.next().await;
+            let failed = message.is_err();
+            if messages.send(message).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let _stop_reader = AbortOnDrop(reader);
     let mut builder = EventBuilder::new(database);
     // The end of the last transaction whose events are all written.
     let mut written_up_to = 0u64;
     let mut received = 0u64;
-    let mut last_confirm = Instant::now();
+    let mut ticker = tokio::time::interval(CONFIRM_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let message = stream.next().await?;
         let mut reply_requested = false;
-        match message {
-            StreamMessage::XLogData {
-                wal_start,
-                wal_end,
-                data,
-            } => {
-                received = received.max(wal_end);
-                let decoded =
-                    pgoutput::decode(&data).map_err(|err| CaptureError::Decode(err.to_string()))?;
-                match builder
-                    .handle(wal_start, decoded)
-                    .map_err(CaptureError::Decode)?
-                {
-                    Step::Events(events) => {
-                        for event in events {
-                            sink.write_event(&event).await?;
-                            stats.events += 1;
+        let mut due = false;
+        tokio::select! {
+            message = inbox.recv() => {
+                let Some(message) = message else { return Err(ReplicationError::Closed.into()) };
+                match message? {
+                    StreamMessage::XLogData { wal_start, wal_end, data } => {
+                        received = received.max(wal_end);
+                        let decoded = pgoutput::decode(&data)
+                            .map_err(|err| CaptureError::Decode(err.to_string()))?;
+                        match builder.handle(wal_start, decoded).map_err(CaptureError::Decode)? {
+                            Step::Events(events) => {
+                                for event in events {
+                                    sink.write_event(&event).await?;
+                                    stats.events += 1;
+                                }
+                            }
+                            Step::Commit { end_lsn } => {
+                                sink.flush().await?;
+                                written_up_to = written_up_to.max(end_lsn);
+                                stats.transactions += 1;
+                            }
+                            Step::Nothing => {}
                         }
                     }
-                    Step::Commit { end_lsn } => {
-                        sink.flush().await?;
-                        written_up_to = written_up_to.max(end_lsn);
-                        stats.transactions += 1;
+                    StreamMessage::Keepalive { wal_end, reply_requested: wanted } => {
+                        received = received.max(wal_end);
+                        if !builder.in_transaction() {
+                            // Nothing of ours is pending before the server's position.
+                            written_up_to = written_up_to.max(wal_end);
+                        }
+                        reply_requested = wanted;
                     }
-                    Step::Nothing => {}
                 }
             }
-            StreamMessage::Keepalive {
-                wal_end,
-                reply_requested: wanted,
-            } => {
-                received = received.max(wal_end);
-                if !builder.in_transaction() {
-                    // Nothing of ours is pending before the server's position.
-                    written_up_to = written_up_to.max(wal_end);
-                }
-                reply_requested = wanted;
-            }
+            _ = ticker.tick() => due = true,
         }
-        let due = last_confirm.elapsed() >= CONFIRM_INTERVAL;
         if reply_requested || (due && written_up_to > stats.confirmed_lsn) {
             if written_up_to > stats.confirmed_lsn {
                 sink.make_durable().await?;
                 stats.confirmed_lsn = written_up_to;
             }
-            stream
+            status
                 .send_status(received, stats.confirmed_lsn, false)
                 .await?;
-            last_confirm = Instant::now();
         }
     }
 }

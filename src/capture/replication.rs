@@ -15,7 +15,9 @@ use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
 
 use crate::config::redact_url;
 
@@ -73,8 +75,43 @@ struct BackendMessage {
 
 /// A connection in replication mode, before streaming starts.
 pub struct ReplicationConnection {
-    stream: BufReader<Box<dyn Stream>>,
-    write_buffer: BytesMut,
+    reader: BufReader<ReadHalf<Box<dyn Stream>>>,
+    writer: StatusWriter,
+}
+
+/// The sending side of a replication connection.
+pub struct StatusWriter {
+    writer: WriteHalf<Box<dyn Stream>>,
+    buffer: BytesMut,
+}
+
+impl StatusWriter {
+    async fn flush(&mut self) -> Result<(), ReplicationError> {
+        let data = self.buffer.split();
+        self.writer.write_all(&data).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// Tells the server how far we have received and durably processed
+    /// WAL. The slot's confirmed position moves to `flushed`: WAL before it
+    /// may be removed, and a restart resumes from it.
+    pub async fn send_status(
+        &mut self,
+        received: u64,
+        flushed: u64,
+        reply: bool,
+    ) -> Result<(), ReplicationError> {
+        let mut payload = BytesMut::with_capacity(34);
+        payload.put_u8(b'r');
+        payload.put_u64(received);
+        payload.put_u64(flushed);
+        payload.put_u64(flushed);
+        payload.put_i64(postgres_now_us());
+        payload.put_u8(u8::from(reply));
+        frontend::CopyData::new(payload.freeze())?.write(&mut self.buffer);
+        self.flush().await
+    }
 }
 
 /// A row of a simple query's result, as text.
@@ -126,9 +163,13 @@ impl ReplicationConnection {
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "postgres".into());
         let dbname = config.get_dbname().unwrap_or(&user).to_string();
+        let (read_half, write_half) = tokio::io::split(stream);
         let mut connection = ReplicationConnection {
-            stream: BufReader::with_capacity(1 << 16, stream),
-            write_buffer: BytesMut::new(),
+            reader: BufReader::with_capacity(1 << 16, read_half),
+            writer: StatusWriter {
+                writer: write_half,
+                buffer: BytesMut::new(),
+            },
         };
         let parameters = [
             ("user", user.as_str()),
@@ -137,7 +178,7 @@ impl ReplicationConnection {
             ("application_name", "tally-capture"),
             ("client_encoding", "UTF8"),
         ];
-        frontend::startup_message(parameters.iter().copied(), &mut connection.write_buffer)?;
+        frontend::startup_message(parameters.iter().copied(), &mut connection.writer.buffer)?;
         connection.flush().await?;
         connection
             .authenticate(config.get_password(), &user)
@@ -152,33 +193,11 @@ impl ReplicationConnection {
     }
 
     async fn flush(&mut self) -> Result<(), ReplicationError> {
-        let data = self.write_buffer.split();
-        self.stream.get_mut().write_all(&data).await?;
-        self.stream.get_mut().flush().await?;
-        Ok(())
+        self.writer.flush().await
     }
 
     async fn read_message(&mut self) -> Result<BackendMessage, ReplicationError> {
-        let tag = match self.stream.read_u8().await {
-            Ok(tag) => tag,
-            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ReplicationError::Closed);
-            }
-            Err(err) => return Err(err.into()),
-        };
-        let length = self.stream.read_u32().await?;
-        if !(4..=1 << 30).contains(&length) {
-            return Err(ReplicationError::Protocol(format!(
-                "message '{}' claims {length} bytes",
-                tag as char
-            )));
-        }
-        let mut body = BytesMut::zeroed(length as usize - 4);
-        self.stream.read_exact(&mut body).await?;
-        if tag == b'E' {
-            return Err(parse_error_response(&body));
-        }
-        Ok(BackendMessage { tag, body })
+        read_backend_message(&mut self.reader).await
     }
 
     async fn authenticate(
@@ -200,7 +219,7 @@ impl ReplicationConnection {
                         0 => {} // AuthenticationOk
                         3 => {
                             let password = password.ok_or_else(need_password)?;
-                            frontend::password_message(password, &mut self.write_buffer)?;
+                            frontend::password_message(password, &mut self.writer.buffer)?;
                             self.flush().await?;
                         }
                         5 => {
@@ -211,7 +230,7 @@ impl ReplicationConnection {
                             }
                             message.body.copy_to_slice(&mut salt);
                             let hashed = md5_hash(user.as_bytes(), password, salt);
-                            frontend::password_message(hashed.as_bytes(), &mut self.write_buffer)?;
+                            frontend::password_message(hashed.as_bytes(), &mut self.writer.buffer)?;
                             self.flush().await?;
                         }
                         10 => {
@@ -229,7 +248,7 @@ impl ReplicationConnection {
                             frontend::sasl_initial_response(
                                 sasl::SCRAM_SHA_256,
                                 scram.message(),
-                                &mut self.write_buffer,
+                                &mut self.writer.buffer,
                             )?;
                             self.flush().await?;
                             let mut reply = self.read_message().await?;
@@ -239,7 +258,7 @@ impl ReplicationConnection {
                                 ));
                             }
                             scram.update(&reply.body)?;
-                            frontend::sasl_response(scram.message(), &mut self.write_buffer)?;
+                            frontend::sasl_response(scram.message(), &mut self.writer.buffer)?;
                             self.flush().await?;
                             let mut last = self.read_message().await?;
                             if last.tag != b'R' || take_i32(&mut last.body)? != 12 {
@@ -271,7 +290,7 @@ impl ReplicationConnection {
     /// Runs a replication command or SQL query with the simple protocol and
     /// returns the rows of its last result as text.
     pub async fn simple_query(&mut self, query: &str) -> Result<Vec<TextRow>, ReplicationError> {
-        frontend::query(query, &mut self.write_buffer)?;
+        frontend::query(query, &mut self.writer.buffer)?;
         self.flush().await?;
         let mut rows = Vec::new();
         let mut failure = None;
@@ -325,14 +344,14 @@ impl ReplicationConnection {
         slot: &str,
         start_lsn: u64,
         publication: &str,
-    ) -> Result<ReplicationStream, ReplicationError> {
+    ) -> Result<(ReplicationStream, StatusWriter), ReplicationError> {
         let query = format!(
             "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" '{}')",
             crate::event::quote_ident(slot),
             crate::event::format_lsn(start_lsn),
             crate::event::quote_ident(publication).replace('\'', "''")
         );
-        frontend::query(&query, &mut self.write_buffer)?;
+        frontend::query(&query, &mut self.writer.buffer)?;
         self.flush().await?;
         loop {
             let message = self.read_message().await?;
@@ -347,8 +366,39 @@ impl ReplicationConnection {
                 }
             }
         }
-        Ok(ReplicationStream { connection: self })
+        Ok((
+            ReplicationStream {
+                reader: self.reader,
+            },
+            self.writer,
+        ))
     }
+}
+
+/// Reads one framed backend message; an ErrorResponse becomes an error.
+async fn read_backend_message(
+    reader: &mut BufReader<ReadHalf<Box<dyn Stream>>>,
+) -> Result<BackendMessage, ReplicationError> {
+    let tag = match reader.read_u8().await {
+        Ok(tag) => tag,
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ReplicationError::Closed);
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let length = reader.read_u32().await?;
+    if !(4..=1 << 30).contains(&length) {
+        return Err(ReplicationError::Protocol(format!(
+            "message '{}' claims {length} bytes",
+            tag as char
+        )));
+    }
+    let mut body = BytesMut::zeroed(length as usize - 4);
+    reader.read_exact(&mut body).await?;
+    if tag == b'E' {
+        return Err(parse_error_response(&body));
+    }
+    Ok(BackendMessage { tag, body })
 }
 
 fn truncated() -> ReplicationError {
@@ -402,16 +452,20 @@ pub enum StreamMessage {
     Keepalive { wal_end: u64, reply_requested: bool },
 }
 
-/// The CopyBoth stream after `START_REPLICATION`.
+/// The receiving side of the CopyBoth stream after `START_REPLICATION`.
 pub struct ReplicationStream {
-    connection: ReplicationConnection,
+    reader: BufReader<ReadHalf<Box<dyn Stream>>>,
 }
 
 impl ReplicationStream {
+    async fn read_message(&mut self) -> Result<BackendMessage, ReplicationError> {
+        read_backend_message(&mut self.reader).await
+    }
+
     /// The next message, or an error when the connection breaks.
     pub async fn next(&mut self) -> Result<StreamMessage, ReplicationError> {
         loop {
-            let mut message = self.connection.read_message().await?;
+            let mut message = self.read_message().await?;
             match message.tag {
                 b'd' => {
                     if message.body.is_empty() {
@@ -459,28 +513,4 @@ impl ReplicationStream {
             }
         }
     }
-
-    /// Tells the server how far we have received and durably processed
-    /// WAL. The slot's confirmed position moves to `flushed`: WAL before it
-    /// may be removed, and a restart resumes from it.
-    pub async fn send_status(
-        &mut self,
-        received: u64,
-        flushed: u64,
-        reply: bool,
-    ) -> Result<(), ReplicationError> {
-        let mut payload = BytesMut::with_capacity(34);
-        payload.put_u8(b'r');
-        payload.put_u64(received);
-        payload.put_u64(flushed);
-        payload.put_u64(flushed);
-        payload.put_i64(postgres_now_us());
-        payload.put_u8(u8::from(reply));
-        frontend::CopyData::new(payload.freeze())?.write(&mut self.connection.write_buffer);
-        self.connection.flush().await
-    }
 }
-
-/// How often a status update is sent even when nothing moved, well under
-/// the server's `wal_sender_timeout` (60 s by default).
-pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);

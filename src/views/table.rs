@@ -317,9 +317,17 @@ impl ViewTable {
         let table = self.quoted_name();
         let unbounded = |sql_type: &str| {
             sql_type.ends_with("[]")
-                || ["text", "character varying", "bytea", "json", "jsonb", "xml", "citext"]
-                    .iter()
-                    .any(|t| sql_type.starts_with(t))
+                || [
+                    "text",
+                    "character varying",
+                    "bytea",
+                    "json",
+                    "jsonb",
+                    "xml",
+                    "citext",
+                ]
+                .iter()
+                .any(|t| sql_type.starts_with(t))
         };
         let (wide, narrow): (Vec<_>, Vec<_>) = self
             .def
@@ -462,7 +470,10 @@ impl ViewTable {
         // Rows are written in key order, so parallel appliers lock group
         // rows in the same order and do not deadlock.
         let (leading, order_by) = if self.grouped() {
-            (format!("{} AS _tally_key, ", self.key_expression()), " ORDER BY 1")
+            (
+                format!("{} AS _tally_key, ", self.key_expression()),
+                " ORDER BY 1",
+            )
         } else {
             ("true, ".to_string(), "")
         };
