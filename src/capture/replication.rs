@@ -9,7 +9,7 @@
 //! codec crate) to encode frontend messages and for SCRAM.
 
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
