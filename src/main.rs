@@ -58,6 +58,17 @@ enum Command {
         #[arg(long, value_name = "N")]
         batch_size: Option<usize>,
     },
+    /// Capture and apply in one process, joined by an in-process queue:
+    /// the source's changes flow into the views within milliseconds. The
+    /// slot is confirmed only up to what the target has committed, so a
+    /// crash loses nothing. Stop with Ctrl-C or SIGTERM.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Appliers running at once, each on its own target connection.
+        #[arg(long, default_value_t = 2, value_name = "N")]
+        parallel: usize,
+    },
     /// Stream the source's changes (logical replication) as Debezium JSON
     /// lines. Creates the publication and the replication slot if missing;
     /// resumes where the slot was confirmed. Stop with Ctrl-C or SIGTERM.
@@ -216,6 +227,65 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(2));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config, parallel } => {
+            let (config, source, model) = open(&config.config).await?;
+            let tables: Vec<_> = model.tables.keys().cloned().collect();
+            tally::capture::prepare_source(&source, &config.capture, &tables).await?;
+            tally::capture::ensure_slot(&source, &config.source_url, &config.capture.slot).await?;
+            let database: String = source
+                .query_one("SELECT current_database()::text", &[])
+                .await?
+                .get(0);
+            let (mut sink, queue) =
+                tally::transport::embedded::channel(parallel * 2, config.apply.batch_size);
+            let handles = tally::transport::embedded::spawn_appliers(
+                &queue,
+                &config.target_url,
+                model,
+                parallel,
+            )
+            .await?;
+            let appliers = tokio::spawn(async move {
+                let mut running: futures::stream::FuturesUnordered<_> =
+                    handles.into_iter().collect();
+                let mut total = tally::apply::ApplyStats::default();
+                while let Some(result) = futures::StreamExt::next(&mut running).await {
+                    total +=
+                        result.map_err(|err| anyhow::anyhow!("an applier stopped: {err}"))??;
+                }
+                Ok::<_, anyhow::Error>(total)
+            });
+            let mut appliers = std::pin::pin!(appliers);
+            tracing::info!(
+                "running: capture from slot \"{}\" with {parallel} appliers",
+                config.capture.slot
+            );
+            let captured = tokio::select! {
+                captured = tally::capture::stream_changes(
+                    &config.source_url,
+                    &config.capture,
+                    &database,
+                    &mut sink,
+                    shutdown_signal(),
+                ) => captured?,
+                stopped = &mut appliers => {
+                    let err = match stopped {
+                        Ok(Ok(_)) => anyhow::anyhow!("the appliers stopped"),
+                        Ok(Err(err)) => err,
+                        Err(join) => anyhow::anyhow!("an applier panicked: {join}"),
+                    };
+                    return Err(err.context("applying to the target"));
+                }
+            };
+            drop(sink);
+            let applied = appliers.await??;
+            eprintln!(
+                "stopped: captured {} events, {applied}; slot confirmed up to {}",
+                captured.events,
+                tally::event::format_lsn(captured.confirmed_lsn)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Bootstrap {

@@ -1,4 +1,6 @@
-//! Moving events from capture to apply. For now: JSON lines files
-//! (`tally apply --input`); the embedded and NATS transports come next.
+//! Moving events from capture to apply: in process (`embedded`, for
+//! `tally run`) or as JSON lines files (`--input`/`--output`). NATS comes
+//! next.
 
+pub mod embedded;
 pub mod file;
