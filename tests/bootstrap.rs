@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -24,13 +24,7 @@ SELECT grp, SUM(amount) AS amount, COUNT(*) AS n FROM items WHERE deleted_at IS 
 CREATE MATERIALIZED VIEW everything AS SELECT COUNT(*) AS n, SUM(amount) AS amount FROM items;";
 
 fn tally(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .env("TALLY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+    tally_command(args).spawn().unwrap()
 }
 
 async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>) {
@@ -158,29 +152,8 @@ async fn bootstrap_plus_stream_converge_exactly() {
         w.await.unwrap();
     }
     let source = env.source().await;
-    let end: String = source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let started = Instant::now();
-    loop {
-        let caught_up: bool = source
-            .query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tally'", &[&end])
-            .await.unwrap().get(0);
-        if caught_up {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "capture did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    unsafe {
-        libc::kill(capture.id() as i32, libc::SIGTERM);
-    }
-    assert!(capture.wait().unwrap().success());
+    wait_until_captured(&source).await;
+    assert!(terminate(&mut capture).success());
 
     let mut events: Vec<String> = std::fs::read_to_string(&boot)
         .unwrap()

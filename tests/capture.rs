@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -39,19 +39,15 @@ FROM items;";
 const ROLLED_BACK_IDS: i64 = 1_000_000_000;
 
 fn start_capture(config: &Path, output: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "capture",
-            "--config",
-            config.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ])
-        .env("TALLY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+    tally_command(&[
+        "capture",
+        "--config",
+        config.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ])
+    .spawn()
+    .unwrap()
 }
 
 /// A committed change the file must contain: (transaction id, op, row id).
@@ -176,25 +172,7 @@ async fn capture_killed_twice_loses_nothing_and_invents_nothing() {
 
     let mut capture = start_capture(&config, &output);
     // Changes count from the slot's creation: wait for it.
-    let started = Instant::now();
-    loop {
-        let slots: i64 = source
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tally'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if slots == 1 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "capture never created its slot"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_active_slots(&source, 1).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let next_id = Arc::new(Mutex::new(0i64));
@@ -226,29 +204,8 @@ async fn capture_killed_twice_loses_nothing_and_invents_nothing() {
     }
 
     // Let capture catch up to the end of the WAL, then stop it gracefully.
-    let end: String = source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let started = Instant::now();
-    loop {
-        let caught_up: bool = source
-            .query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tally'", &[&end])
-            .await.unwrap().get(0);
-        if caught_up {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "capture did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    unsafe {
-        libc::kill(capture.id() as i32, libc::SIGTERM);
-    }
-    let status = capture.wait().unwrap();
+    wait_until_captured(&source).await;
+    let status = terminate(&mut capture);
     assert!(status.success(), "capture exits 0 on SIGTERM: {status:?}");
 
     // What the file holds.

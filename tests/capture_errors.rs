@@ -105,22 +105,7 @@ async fn setup_problems_are_explained() {
         .spawn()
         .unwrap();
     let source = env.source().await;
-    let started = Instant::now();
-    loop {
-        let active: i64 = source
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE active",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if active == 1 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_active_slots(&source, 1).await;
     let out = run(
         &["capture", "--config", config, "--output", output],
         Duration::from_secs(20),
@@ -197,24 +182,7 @@ async fn source_restart_mid_stream_is_retried() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    loop {
-        let slots: i64 = env
-            .source()
-            .await
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE active",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if slots == 1 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_active_slots(&env.source().await, 1).await;
     env.source()
         .await
         .execute("INSERT INTO items VALUES (1, 1.00)", &[])

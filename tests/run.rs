@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -22,11 +22,7 @@ SELECT customer, SUM(total) AS total, COUNT(*) AS orders, AVG(total) AS average
 FROM orders WHERE NOT cancelled GROUP BY customer;";
 
 fn run(config: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["run", "--config", config, "--parallel", "3"])
-        .env("TALLY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+    tally_command(&["run", "--config", config, "--parallel", "3"])
         .spawn()
         .unwrap()
 }
@@ -78,19 +74,17 @@ async fn run_survives_sigkill_and_converges() {
     // Existing rows come in through bootstrap, then `run` streams.
     let boot = env.dir.path().join("boot.jsonl");
     let state = env.dir.path().join("boot.state");
-    let status = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "bootstrap",
-            "--config",
-            config,
-            "--output",
-            boot.to_str().unwrap(),
-            "--state",
-            state.to_str().unwrap(),
-        ])
-        .env("TALLY_LOG", "warn")
-        .status()
-        .unwrap();
+    let status = tally_command(&[
+        "bootstrap",
+        "--config",
+        config,
+        "--output",
+        boot.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+    ])
+    .status()
+    .unwrap();
     assert!(status.success());
     let model = env.model().await;
     let snapshot: Vec<String> = std::fs::read_to_string(&boot)
@@ -130,8 +124,7 @@ async fn run_survives_sigkill_and_converges() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    unsafe { libc::kill(process.id() as i32, libc::SIGTERM) };
-    assert!(process.wait().unwrap().success(), "run exits 0 on SIGTERM");
+    assert!(terminate(&mut process).success(), "run exits 0 on SIGTERM");
     let dead: i64 = env
         .target()
         .await

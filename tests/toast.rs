@@ -5,9 +5,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
 use common::*;
 
 const SCHEMA: &str =
@@ -19,35 +16,17 @@ SELECT category, SUM(hits) AS hits, COUNT(*) AS docs FROM docs GROUP BY category
 async fn unchanged_toast_keeps_the_stored_group_key() {
     let env = TestEnv::new(SCHEMA, VIEWS).await;
     let output = env.dir.path().join("events.jsonl");
-    let mut capture = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "capture",
-            "--config",
-            env.config_path().to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ])
-        .env("TALLY_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut capture = tally_command(&[
+        "capture",
+        "--config",
+        env.config_path().to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ])
+    .spawn()
+    .unwrap();
     let source = env.source().await;
-    let started = Instant::now();
-    loop {
-        let active: i64 = source
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE active",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if active == 1 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_active_slots(&source, 1).await;
     // Random hex barely compresses: 40 kB stays far above the TOAST
     // threshold and is stored out of line.
     source
@@ -64,24 +43,8 @@ async fn unchanged_toast_keeps_the_stored_group_key() {
     // Updates that leave the large column alone.
     source.batch_execute("UPDATE docs SET hits = hits + 10; UPDATE docs SET hits = hits * 2 WHERE id IN (1, 11);").await.unwrap();
 
-    let end: String = source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let started = Instant::now();
-    loop {
-        let caught_up: bool = source
-            .query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tally'", &[&end])
-            .await.unwrap().get(0);
-        if caught_up {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    unsafe { libc::kill(capture.id() as i32, libc::SIGTERM) };
-    capture.wait().unwrap();
+    wait_until_captured(&source).await;
+    terminate(&mut capture);
 
     let text = std::fs::read_to_string(&output).unwrap();
     assert!(

@@ -165,3 +165,72 @@ pub fn shuffle_with_duplicates(events: &[String], duplicate_share: f64, seed: u6
     out.shuffle(&mut rng);
     out
 }
+
+/// The `tally` binary with quiet logs, stdout discarded, stderr shown.
+pub fn tally_command(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
+        .args(args)
+        .env("TALLY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    command
+}
+
+/// Stops a long-running `tally` process the way an operator does.
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap()
+}
+
+/// Waits until `active` replication connections use slots on the source.
+pub async fn wait_for_active_slots(source: &Client, active: i64) {
+    let started = std::time::Instant::now();
+    loop {
+        let now: i64 = source
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE active",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if now >= active {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "no active slot after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the `tally` slot is confirmed up to the source's current
+/// end of WAL: everything written so far has been captured.
+pub async fn wait_until_captured(source: &Client) {
+    let end: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let started = std::time::Instant::now();
+    loop {
+        let caught_up: bool = source
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tally'",
+                &[&end],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if caught_up {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "capture did not catch up in 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
