@@ -7,9 +7,7 @@
 
 use std::collections::HashMap;
 
-use serde_json::{Map, Value, json};
-
-use super::pgoutput::{PgOutputMessage, Relation, Tuple, tuple_to_json};
+use super::pgoutput::{PgOutputMessage, Relation, Tuple, write_tuple_json};
 use super::replication::postgres_us_to_unix_ms;
 use crate::event::UNCHANGED_TOAST;
 
@@ -79,12 +77,11 @@ impl EventBuilder {
             }
             PgOutputMessage::Insert { relation_id, new } => {
                 let relation = self.relation(relation_id)?;
-                let after = self.row(relation, &new)?;
                 Ok(Step::Events(vec![self.envelope(
                     relation,
                     "c",
-                    Value::Null,
-                    after,
+                    None,
+                    Some(&new),
                     lsn,
                 )?]))
             }
@@ -95,14 +92,14 @@ impl EventBuilder {
                 new,
             } => {
                 let relation = self.relation(relation_id)?;
-                let before = match old.as_ref().or(old_key.as_ref()) {
-                    Some(tuple) => self.row(relation, tuple)?,
-                    None => Value::Null,
-                };
-                let after = self.row(relation, &new)?;
-                Ok(Step::Events(vec![
-                    self.envelope(relation, "u", before, after, lsn)?,
-                ]))
+                let before = old.as_ref().or(old_key.as_ref());
+                Ok(Step::Events(vec![self.envelope(
+                    relation,
+                    "u",
+                    before,
+                    Some(&new),
+                    lsn,
+                )?]))
             }
             PgOutputMessage::Delete {
                 relation_id,
@@ -110,15 +107,14 @@ impl EventBuilder {
                 old,
             } => {
                 let relation = self.relation(relation_id)?;
-                let before = match old.as_ref().or(old_key.as_ref()) {
-                    Some(tuple) => self.row(relation, tuple)?,
-                    None => return Err(format!("delete on {} without its key", relation.name)),
+                let Some(before) = old.as_ref().or(old_key.as_ref()) else {
+                    return Err(format!("delete on {} without its key", relation.name));
                 };
                 Ok(Step::Events(vec![self.envelope(
                     relation,
                     "d",
-                    before,
-                    Value::Null,
+                    Some(before),
+                    None,
                     lsn,
                 )?]))
             }
@@ -126,7 +122,7 @@ impl EventBuilder {
                 let mut events = Vec::with_capacity(relation_ids.len());
                 for id in relation_ids {
                     let relation = self.relation(id)?;
-                    events.push(self.envelope(relation, "t", Value::Null, Value::Null, lsn)?);
+                    events.push(self.envelope(relation, "t", None, None, lsn)?);
                 }
                 Ok(Step::Events(events))
             }
@@ -142,39 +138,140 @@ impl EventBuilder {
             .ok_or_else(|| format!("row message for relation {id} before its Relation message"))
     }
 
-    fn row(&self, relation: &Relation, tuple: &Tuple) -> Result<Value, String> {
-        tuple_to_json(relation, tuple, UNCHANGED_TOAST)
-            .map(Value::Object)
-            .map_err(|err| err.to_string())
-    }
-
+    /// Renders one envelope as JSON text, written directly (this is the
+    /// hot path of capture), in the shape Debezium uses.
     fn envelope(
         &self,
         relation: &Relation,
         op: &str,
-        before: Value,
-        after: Value,
+        before: Option<&Tuple>,
+        after: Option<&Tuple>,
         lsn: u64,
     ) -> Result<String, String> {
         let transaction = self
             .transaction
             .ok_or_else(|| format!("change to {} outside a transaction", relation.name))?;
-        let mut source = Map::new();
-        source.insert("connector".into(), json!("tally"));
-        source.insert("db".into(), json!(self.database));
-        source.insert("schema".into(), json!(relation.namespace));
-        source.insert("table".into(), json!(relation.name));
-        source.insert("txId".into(), json!(transaction.xid));
-        source.insert("lsn".into(), json!(lsn));
-        source.insert("commit_lsn".into(), json!(transaction.commit_lsn));
-        source.insert("ts_ms".into(), json!(transaction.commit_ms));
-        Ok(json!({
-            "before": before,
-            "after": after,
-            "source": source,
-            "op": op,
-            "ts_ms": transaction.commit_ms,
-        })
-        .to_string())
+        let mut out: Vec<u8> = Vec::with_capacity(256);
+        let write_row = |out: &mut Vec<u8>, tuple: Option<&Tuple>| match tuple {
+            None => {
+                out.extend_from_slice(b"null");
+                Ok(())
+            }
+            Some(tuple) => {
+                write_tuple_json(relation, tuple, UNCHANGED_TOAST, out).map_err(|e| e.to_string())
+            }
+        };
+        let text = |value: &str| serde_json::to_string(value).expect("strings serialise");
+        out.extend_from_slice(b"{\"before\":");
+        write_row(&mut out, before)?;
+        out.extend_from_slice(b",\"after\":");
+        write_row(&mut out, after)?;
+        out.extend_from_slice(
+            format!(
+                ",\"source\":{{\"connector\":\"tally\",\"db\":{},\"schema\":{},\"table\":{},\"txId\":{},\"lsn\":{lsn},\"commit_lsn\":{},\"ts_ms\":{}}},\"op\":\"{op}\",\"ts_ms\":{}}}",
+                text(&self.database),
+                text(&relation.namespace),
+                text(&relation.name),
+                transaction.xid,
+                transaction.commit_lsn,
+                transaction.commit_ms,
+                transaction.commit_ms,
+            )
+            .as_bytes(),
+        );
+        String::from_utf8(out).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::pgoutput::{RelationColumn, TupleValue, tuple_to_json};
+
+    fn relation() -> Relation {
+        let column = |name: &str, type_oid: u32| RelationColumn {
+            flags: u8::from(name == "id"),
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
+        Relation {
+            id: 7,
+            namespace: "public".into(),
+            name: "invoices".into(),
+            replica_identity: b'd',
+            columns: vec![
+                column("id", 23),
+                column("total", 1700),
+                column("note", 25),
+                column("paid", 16),
+            ],
+        }
+    }
+
+    #[test]
+    fn envelopes_carry_the_ordering_key_and_exact_values() {
+        let mut builder = EventBuilder::new("shop");
+        builder
+            .handle(
+                10,
+                PgOutputMessage::Begin {
+                    final_lsn: 500,
+                    commit_time_us: 0,
+                    xid: 42,
+                },
+            )
+            .unwrap();
+        builder
+            .handle(11, PgOutputMessage::Relation(relation()))
+            .unwrap();
+        let tuple = Tuple(vec![
+            TupleValue::Text(b"2".to_vec()),
+            TupleValue::Text(b"123456789012345678901234567890.12".to_vec()),
+            TupleValue::UnchangedToast,
+            TupleValue::Null,
+        ]);
+        let step = builder
+            .handle(
+                12,
+                PgOutputMessage::Insert {
+                    relation_id: 7,
+                    new: tuple.clone(),
+                },
+            )
+            .unwrap();
+        let Step::Events(events) = step else {
+            panic!("{step:?}")
+        };
+        let event: serde_json::Value = serde_json::from_str(&events[0]).unwrap();
+        assert_eq!(event["op"], "c");
+        assert_eq!(event["source"]["commit_lsn"], 500);
+        assert_eq!(event["source"]["lsn"], 12);
+        assert_eq!(event["source"]["txId"], 42);
+        assert_eq!(event["source"]["table"], "invoices");
+        assert_eq!(event["after"]["total"], "123456789012345678901234567890.12");
+        assert_eq!(event["after"]["note"], UNCHANGED_TOAST);
+        // The direct writer renders exactly what the map form serialises to.
+        let map = tuple_to_json(&relation(), &tuple, UNCHANGED_TOAST).unwrap();
+        let mut direct = Vec::new();
+        write_tuple_json(&relation(), &tuple, UNCHANGED_TOAST, &mut direct).unwrap();
+        assert_eq!(
+            String::from_utf8(direct).unwrap(),
+            serde_json::to_string(&map).unwrap()
+        );
+        assert!(builder.in_transaction());
+        let commit = builder
+            .handle(
+                13,
+                PgOutputMessage::Commit {
+                    flags: 0,
+                    commit_lsn: 500,
+                    end_lsn: 520,
+                    commit_time_us: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(commit, Step::Commit { end_lsn: 520 });
+        assert!(!builder.in_transaction());
     }
 }

@@ -601,6 +601,54 @@ pub fn tuple_to_json(
     Ok(row)
 }
 
+/// Writes the tuple as a JSON object straight into `out`: the same text
+/// `tuple_to_json` would serialise to, without building a map (capture's
+/// hot path).
+pub fn write_tuple_json(
+    relation: &Relation,
+    tuple: &Tuple,
+    unchanged_toast_placeholder: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), DecodeError> {
+    if relation.columns.len() != tuple.0.len() {
+        return Err(DecodeError::ColumnCountMismatch {
+            relation: format!("{}.{}", relation.namespace, relation.name),
+            columns: relation.columns.len(),
+            values: tuple.0.len(),
+        });
+    }
+    // serde_json's Map is sorted by key; keep that order so both agree.
+    let mut order: Vec<usize> = (0..relation.columns.len()).collect();
+    order.sort_by(|a, b| relation.columns[*a].name.cmp(&relation.columns[*b].name));
+    out.push(b'{');
+    for (position, index) in order.into_iter().enumerate() {
+        let column = &relation.columns[index];
+        if position > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, &column.name).expect("writing to a Vec cannot fail");
+        out.push(b':');
+        match &tuple.0[index] {
+            TupleValue::Null => out.extend_from_slice(b"null"),
+            TupleValue::UnchangedToast => {
+                serde_json::to_writer(&mut *out, unchanged_toast_placeholder)
+                    .expect("writing to a Vec cannot fail")
+            }
+            TupleValue::Text(bytes) => {
+                let value = text_to_json(column, bytes)?;
+                serde_json::to_writer(&mut *out, &value).expect("writing to a Vec cannot fail");
+            }
+            TupleValue::Binary(_) => {
+                return Err(DecodeError::BinaryValue {
+                    column: column.name.clone(),
+                });
+            }
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
 /// The JSON form of one text-format value of `column`'s type.
 fn text_to_json(column: &RelationColumn, bytes: &[u8]) -> Result<Value, DecodeError> {
     let invalid = |reason: String| DecodeError::InvalidValue {
