@@ -7,6 +7,7 @@ pub mod capture;
 pub mod catalog;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod event;
 pub mod ops;
 pub mod pgcluster;

@@ -58,6 +58,11 @@ enum Command {
         #[arg(long, value_name = "N")]
         batch_size: Option<usize>,
     },
+    /// The whole idea in one command: a private PostgreSQL, the essay's
+    /// invoices and views, the pipeline, a scripted story and a burst of
+    /// writes checked against the source. Needs only PostgreSQL's server
+    /// package. Ctrl-C stops and removes everything.
+    Demo,
     /// Capture and apply in one process, joined by an in-process queue:
     /// the source's changes flow into the views within milliseconds. The
     /// slot is confirmed only up to what the target has committed, so a
@@ -105,14 +110,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo tells its own story; its logs would only interleave.
+    let default_level = if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("cannot start the async runtime");
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
@@ -227,6 +239,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(2));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            tally::demo::run(shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, parallel } => {

@@ -199,3 +199,42 @@ async fn errors_name_the_bad_input() {
         text(&out)
     );
 }
+
+#[test]
+fn demo_tells_the_story_and_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let ready = line.contains("Ctrl-C stops");
+        seen.push(line);
+        if ready {
+            break;
+        }
+    }
+    eprintln!(
+        "demo up and through its story in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let text = seen.join("\n");
+    for expected in [
+        "view =        10.00",
+        "view =        30.00",
+        "view =        50.00",
+        "all 2 views equal",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(child.wait().unwrap().success());
+    assert!(rest.join("\n").contains("removed"), "{rest:?}");
+}

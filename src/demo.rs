@@ -1,0 +1,199 @@
+//! `tally demo`: the whole idea in one command, in a terminal. A private
+//! PostgreSQL (source and target databases), the essay's `invoices` table
+//! and views, the pipeline with the embedded transport, a short scripted
+//! story and a burst of concurrent writes, each checked against the source.
+//! (The web page of the demo comes with the serve stage.)
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio_postgres::Client;
+
+use crate::apply::{ApplyError, Model};
+use crate::capture::{self, CaptureError};
+use crate::config::CaptureConfig;
+use crate::db::{self, ConnectError, describe};
+use crate::ops::verify::{render_report, verify_views};
+use crate::pgcluster::{ClusterError, PgCluster};
+use crate::transport::embedded;
+
+#[derive(Debug, Error)]
+pub enum DemoError {
+    #[error("starting the demo's private PostgreSQL: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Views(#[from] crate::views::ViewError),
+    #[error("{0}")]
+    Sql(String),
+    #[error("the view did not reach the source's value within 10 s")]
+    Timeout,
+}
+
+impl From<tokio_postgres::Error> for DemoError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        DemoError::Sql(describe(&err))
+    }
+}
+
+const SOURCE_SCHEMA: &str = "
+CREATE TABLE invoices (
+    id          serial PRIMARY KEY,
+    name        text NOT NULL,
+    customer_id integer NOT NULL,
+    total       numeric(20,2) NOT NULL
+)";
+
+const VIEWS: &str = "
+CREATE MATERIALIZED VIEW invoice_total AS
+SELECT SUM(total) AS total, COUNT(*) AS invoices FROM invoices;
+
+CREATE MATERIALIZED VIEW customer_totals AS
+SELECT customer_id, SUM(total) AS total, COUNT(*) AS invoices
+FROM invoices GROUP BY customer_id;";
+
+/// Waits until the view's total equals the source's, and says how long
+/// that took.
+async fn show(step: &str, source: &Client, target: &Client) -> Result<(), DemoError> {
+    let started = Instant::now();
+    let expected: Option<String> = source
+        .query_one("SELECT SUM(total)::text FROM invoices", &[])
+        .await?
+        .get(0);
+    loop {
+        let found: Option<String> = target
+            .query_one("SELECT total::text FROM invoice_total", &[])
+            .await?
+            .get(0);
+        if found == expected {
+            println!(
+                "  {step:<44} source SUM = {:>12}   view = {:>12}   ({} ms)",
+                expected.as_deref().unwrap_or("NULL"),
+                found.as_deref().unwrap_or("NULL"),
+                started.elapsed().as_millis()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(DemoError::Timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Runs the demo until `stop` completes (Ctrl-C).
+pub async fn run(stop: impl std::future::Future<Output = ()>) -> Result<(), DemoError> {
+    println!("Starting a private PostgreSQL (wal_level = logical)…");
+    let cluster = tokio::task::spawn_blocking(PgCluster::start)
+        .await
+        .map_err(|e| DemoError::Sql(e.to_string()))??;
+    let source_url = cluster.create_database("shop")?;
+    let target_url = cluster.create_database("aggregates")?;
+    let source = db::connect(&source_url).await?;
+    source.batch_execute(SOURCE_SCHEMA).await?;
+    let views = crate::views::parse_views(VIEWS)?;
+    let model = Model::load(&source, views).await?;
+    let mut target = db::connect(&target_url).await?;
+    model.ensure_target_schema(&mut target).await?;
+    let model = Arc::new(model);
+
+    let capture_config = CaptureConfig::default();
+    let tables: Vec<_> = model.tables.keys().cloned().collect();
+    capture::prepare_source(&source, &capture_config, &tables).await?;
+    capture::ensure_slot(&source, &source_url, &capture_config.slot).await?;
+    let (mut sink, queue) = embedded::channel(4, 2000);
+    let appliers = embedded::spawn_appliers(&queue, &target_url, model.clone(), 2).await?;
+    let (stop_pipeline, pipeline_stopped) = tokio::sync::oneshot::channel::<()>();
+    let pipeline_source_url = source_url.clone();
+    let pipeline = tokio::spawn(async move {
+        let result = capture::stream_changes(
+            &pipeline_source_url,
+            &capture_config,
+            "shop",
+            &mut sink,
+            async {
+                let _ = pipeline_stopped.await;
+            },
+        )
+        .await;
+        drop(sink);
+        result
+    });
+
+    println!("\nSource:  {source_url}\nTarget:  {target_url}");
+    println!(
+        "Views:   invoice_total (SUM, COUNT over all invoices), customer_totals (per customer)\n"
+    );
+    println!(
+        "The essay's story: invoice 1 of 10, then invoice 2 created at 20, updated to 40, deleted."
+    );
+    let write = |sql: &'static str| {
+        let source = &source;
+        async move { source.batch_execute(sql).await }
+    };
+    write("INSERT INTO invoices (name, customer_id, total) VALUES ('first', 1, 10)").await?;
+    show("create invoice 1 (10)", &source, &target).await?;
+    write("INSERT INTO invoices (name, customer_id, total) VALUES ('second', 2, 20)").await?;
+    show("create invoice 2 (20)", &source, &target).await?;
+    write("UPDATE invoices SET total = 40 WHERE id = 2").await?;
+    show("update invoice 2 to 40", &source, &target).await?;
+    write("DELETE FROM invoices WHERE id = 2").await?;
+    show("delete invoice 2", &source, &target).await?;
+
+    println!("\nA burst: 4 writers, 2,500 transactions each (inserts, updates, deletes)…");
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for writer in 0..4i32 {
+        let url = source_url.clone();
+        writers.push(tokio::spawn(async move {
+            let client = db::connect(&url).await?;
+            for i in 0..2500i32 {
+                let id = 2 + (i * 4 + writer) % 3000;
+                let sql = match i % 5 {
+                    0 | 1 => "INSERT INTO invoices (name, customer_id, total) VALUES ('burst', $1 % 25, ($1 % 997) / 10.0)",
+                    2 | 3 => "UPDATE invoices SET total = total + 1.25, customer_id = ($1 + customer_id) % 25 WHERE id = $1",
+                    _ => "DELETE FROM invoices WHERE id = $1",
+                };
+                client.execute(sql, &[&id]).await?;
+            }
+            Ok::<(), DemoError>(())
+        }));
+    }
+    for writer in writers {
+        writer.await.map_err(|e| DemoError::Sql(e.to_string()))??;
+    }
+    let written = started.elapsed();
+    show("after the burst", &source, &target).await?;
+    println!(
+        "  10,000 source transactions in {:.1} s; the view caught up {} ms after the last commit",
+        written.as_secs_f64(),
+        (started.elapsed() - written).as_millis()
+    );
+    let differences = verify_views(&source, &target, &model)
+        .await
+        .map_err(|e| DemoError::Sql(e.to_string()))?;
+    print!(
+        "  {}",
+        render_report(&differences, model.views().count(), 10)
+    );
+
+    println!("\nThe pipeline keeps running: change `invoices` with psql at the source URL and");
+    println!(
+        "read the views at the target URL (SELECT * FROM customer_totals). Ctrl-C stops and removes everything."
+    );
+    stop.await;
+    let _ = stop_pipeline.send(());
+    let _ = pipeline.await;
+    for applier in appliers {
+        let _ = applier.await;
+    }
+    drop(cluster);
+    println!("Stopped; the private PostgreSQL is removed.");
+    Ok(())
+}
