@@ -762,10 +762,10 @@ struct Wal {
 }
 
 impl Wal {
-    async fn read(cluster: &PgCluster) -> Result<Wal> {
-        // Backends publish their WAL counters when they go idle or exit,
-        // within a second.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+    /// Reads the counters, after `settle`: backends publish theirs when
+    /// they exit (the run's connections are closed by then) or go idle.
+    async fn read(cluster: &PgCluster, settle: Duration) -> Result<Wal> {
+        tokio::time::sleep(settle).await;
         let admin = tally::db::connect(&cluster.url("postgres")).await?;
         let row = admin
             .query_one(
@@ -829,7 +829,7 @@ async fn run_baseline(
     );
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let wal_before = Wal::read(cluster).await?;
+    let wal_before = Wal::read(cluster, Duration::ZERO).await?;
     let label = format!("baseline, {connections} connection(s)");
     eprintln!("{label}: {events} events, one transaction each");
     let ticker = {
@@ -877,7 +877,9 @@ async fn run_baseline(
     }
     let elapsed = began.elapsed();
     drop(ticker);
-    let wal = Wal::read(cluster).await?.since(wal_before);
+    let wal = Wal::read(cluster, Duration::from_millis(500))
+        .await?
+        .since(wal_before);
 
     let expected = expected_after(history, &delivery.order[..events]);
     let found = read_aggregates(
@@ -981,7 +983,7 @@ async fn run_tally(
     if let Some(profiler) = profiler {
         profiler.reset().await?;
     }
-    let wal_before = Wal::read(cluster).await?;
+    let wal_before = Wal::read(cluster, Duration::ZERO).await?;
     let began = Instant::now();
     let runs = parts.iter().zip(&counters).map(|(part, consumed)| {
         let reader = ProgressReader {
@@ -997,7 +999,9 @@ async fn run_tally(
     }
     let elapsed = began.elapsed();
     drop(ticker);
-    let wal = Wal::read(cluster).await?.since(wal_before);
+    let wal = Wal::read(cluster, Duration::from_millis(500))
+        .await?
+        .since(wal_before);
     let profile = match profiler {
         Some(profiler) => {
             let mut text = profiler.report(&name, &label, elapsed).await?;
