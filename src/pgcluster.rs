@@ -87,7 +87,6 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use thiserror::Error;
-use tokio_postgres::NoTls;
 
 /// The superuser that `initdb` creates; URLs connect as this user, no password.
 pub const SUPERUSER: &str = "tally";
@@ -146,6 +145,8 @@ pub enum ClusterError {
     },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
+    #[error(transparent)]
+    Connect(#[from] crate::db::ConnectError),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ClusterError {
@@ -567,23 +568,6 @@ impl Drop for PgCluster {
     }
 }
 
-/// Connects with `NoTls` and drives the connection on a spawned task (so it
-/// needs a tokio runtime).
-pub async fn connect(url: &str) -> Result<tokio_postgres::Client, ClusterError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|source| ClusterError::Postgres {
-            context: format!("connecting to {url}"),
-            source,
-        })?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "PostgreSQL connection ended with an error");
-        }
-    });
-    Ok(client)
-}
-
 /// Runs `sql` on a fresh connection from a helper thread with its own
 /// runtime, so that it works inside and outside a tokio runtime alike.
 fn execute_blocking(url: &str, sql: &str) -> Result<(), ClusterError> {
@@ -593,7 +577,7 @@ fn execute_blocking(url: &str, sql: &str) -> Result<(), ClusterError> {
             .build()
             .map_err(io_err("building a tokio runtime"))?;
         runtime.block_on(async {
-            let client = connect(url).await?;
+            let client = crate::db::connect(url).await?;
             client
                 .batch_execute(sql)
                 .await
@@ -1260,7 +1244,7 @@ mod tests {
             url,
             format!("postgres://tally@127.0.0.1:{}/postgres", cluster.port())
         );
-        let client = connect(&url).await.unwrap();
+        let client = crate::db::connect(&url).await.unwrap();
         assert_eq!(show(&client, "wal_level").await, "logical");
         assert_eq!(show(&client, "max_replication_slots").await, "20");
         assert_eq!(show(&client, "max_wal_senders").await, "20");
@@ -1287,7 +1271,7 @@ mod tests {
         let cluster = started(ClusterOptions::default());
         let url = cluster.create_database("app").unwrap();
         assert_eq!(url, cluster.url("app"));
-        let client = connect(&url).await.unwrap();
+        let client = crate::db::connect(&url).await.unwrap();
         assert_eq!(show(&client, "wal_level").await, "logical");
         let database: String = client
             .query_one("SELECT current_database()::text", &[])
@@ -1326,7 +1310,7 @@ mod tests {
         // Odd names are quoted, in SQL and in the URL.
         let odd = "Odd \"name\"/with spaces";
         let odd_url = cluster.create_database(odd).unwrap();
-        let client = connect(&odd_url).await.unwrap();
+        let client = crate::db::connect(&odd_url).await.unwrap();
         let database: String = client
             .query_one("SELECT current_database()::text", &[])
             .await
@@ -1353,7 +1337,7 @@ mod tests {
         let mut cluster = started(ClusterOptions::default());
         let port = cluster.port();
         let url = cluster.create_database("keep").unwrap();
-        let client = connect(&url).await.unwrap();
+        let client = crate::db::connect(&url).await.unwrap();
         client
             .batch_execute("CREATE TABLE t (i int); INSERT INTO t SELECT generate_series(1, 100)")
             .await
@@ -1364,20 +1348,20 @@ mod tests {
         cluster.restart().unwrap();
         eprintln!("pgcluster: restart took {} ms", began.elapsed().as_millis());
         assert_eq!(cluster.port(), port);
-        let client = connect(&url).await.unwrap();
+        let client = crate::db::connect(&url).await.unwrap();
         assert_eq!(count(&client, "SELECT count(*) FROM t").await, 100);
         drop(client);
 
         // stop is idempotent, and restart also starts a stopped server.
         cluster.stop().unwrap();
         cluster.stop().unwrap();
-        assert!(connect(&url).await.is_err());
+        assert!(crate::db::connect(&url).await.is_err());
         assert!(matches!(
             cluster.create_database("x"),
             Err(ClusterError::NotRunning)
         ));
         cluster.restart().unwrap();
-        let client = connect(&url).await.unwrap();
+        let client = crate::db::connect(&url).await.unwrap();
         assert_eq!(count(&client, "SELECT count(*) FROM t").await, 100);
     }
 
@@ -1385,7 +1369,7 @@ mod tests {
     async fn kill_then_restart_recovers_committed_data() {
         let mut cluster = started(ClusterOptions::default());
         let url = cluster.url("postgres");
-        let client = connect(&url).await.unwrap();
+        let client = crate::db::connect(&url).await.unwrap();
         client
             .batch_execute("CREATE TABLE t (i int)")
             .await
@@ -1415,7 +1399,7 @@ mod tests {
             "pgcluster: restart after kill (crash recovery) took {} ms",
             began.elapsed().as_millis()
         );
-        let client = connect(&url).await.unwrap();
+        let client = crate::db::connect(&url).await.unwrap();
         assert_eq!(count(&client, "SELECT count(*) FROM t").await, 200);
         let log = fs::read_to_string(&cluster.log).unwrap();
         assert!(
@@ -1441,7 +1425,7 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             for cluster in [&a, &b] {
-                let client = connect(&cluster.url("postgres")).await.unwrap();
+                let client = crate::db::connect(&cluster.url("postgres")).await.unwrap();
                 let port: String = show(&client, "port").await;
                 assert_eq!(port, cluster.port().to_string());
             }
@@ -1478,7 +1462,7 @@ mod tests {
             ],
             keep_dir: true,
         });
-        let client = connect(&cluster.url("postgres")).await.unwrap();
+        let client = crate::db::connect(&cluster.url("postgres")).await.unwrap();
         assert_eq!(show(&client, "fsync").await, "on");
         assert_eq!(show(&client, "full_page_writes").await, "on");
         assert_eq!(show(&client, "work_mem").await, "8MB");

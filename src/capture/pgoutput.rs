@@ -1714,7 +1714,8 @@ mod tests {
     /// the SQL interface to a logical slot, and checks each kind of message.
     #[tokio::test]
     async fn decodes_real_pgoutput() {
-        use crate::pgcluster::{PgCluster, connect};
+        use crate::db::connect;
+        use crate::pgcluster::PgCluster;
         use PgOutputMessage as M;
 
         let cluster = tokio::task::spawn_blocking(PgCluster::start)
