@@ -155,12 +155,19 @@ fn capture_setup(
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("cannot listen for SIGTERM");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+///
+/// The handlers are installed when this is called, not when the future is
+/// first polled, so a signal that arrives in between is not lost (it would
+/// otherwise kill the process with the default action).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
+    let mut terminate = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+    async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
     }
 }
 
@@ -179,17 +186,23 @@ fn error_text(err: &anyhow::Error) -> String {
 }
 
 /// Loads the config, the views and the source's table shapes, and makes
-/// sure the target schema is in place.
+/// sure the target schema is in place. Returns the source and target
+/// connections it opened.
 async fn open(
     config_path: &std::path::Path,
-) -> Result<(Config, tokio_postgres::Client, Arc<Model>)> {
+) -> Result<(
+    Config,
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+    Arc<Model>,
+)> {
     let config = Config::load(config_path)?;
     let views = tally::views::load_views(&config.views)?;
     let source = tally::db::connect(&config.source_url).await?;
     let model = Model::load(&source, views).await?;
     let mut target = tally::db::connect(&config.target_url).await?;
     model.ensure_target_schema(&mut target).await?;
-    Ok((config, source, Arc::new(model)))
+    Ok((config, source, target, Arc::new(model)))
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -201,7 +214,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             parallel,
             batch_size,
         } => {
-            let (config, _source, model) = open(&config.config).await?;
+            let (config, _source, _target, model) = open(&config.config).await?;
             let reader = open_input(&input)
                 .await
                 .with_context(|| format!("cannot open input {}", input.display()))?;
@@ -246,7 +259,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, parallel } => {
-            let (config, source, model) = open(&config.config).await?;
+            let (config, source, _target, model) = open(&config.config).await?;
             let tables: Vec<_> = model.tables.keys().cloned().collect();
             tally::capture::prepare_source(&source, &config.capture, &tables).await?;
             tally::capture::ensure_slot(&source, &config.source_url, &config.capture.slot).await?;
@@ -366,8 +379,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { config, limit } => {
-            let (config, source, model) = open(&config.config).await?;
-            let target = tally::db::connect(&config.target_url).await?;
+            let (_config, source, target, model) = open(&config.config).await?;
             let differences = verify_views(&source, &target, &model).await?;
             print!(
                 "{}",
