@@ -128,10 +128,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo tells its own story; its logs would only interleave.
+    // Client libraries' own info lines (every NOTICE, every reconnect
+    // attempt) would drown Tally's, which say the same once.
     let default_level = if matches!(cli.command, Command::Demo) {
         "warn"
     } else {
-        "info"
+        "info,async_nats=warn,tokio_postgres=warn"
     };
     tracing_subscriber::fmt()
         .with_env_filter(
