@@ -91,7 +91,10 @@ impl NatsTransport {
             .await
             .map_err(|err| {
                 let text = err.to_string();
-                if text.contains("not enabled") || text.contains("no responders") || text.contains("timed out") {
+                if ["not enabled", "unavailable", "no responders", "timed out"]
+                    .iter()
+                    .any(|hint| text.contains(hint))
+                {
                     TransportError::Misconfigured(format!(
                         "NATS at {} does not answer JetStream requests ({text}); start nats-server with JetStream enabled (`nats-server -js`, or `jetstream {{}}` in its config)",
                         redact_url(&url)
