@@ -240,27 +240,16 @@ impl Config {
                 fix: "with kind = \"nats\", set url = \"nats://host:4222\" in [transport] or TALLY_TRANSPORT_URL",
             });
         }
-        if raw.transport.stream.is_empty()
-            || raw
-                .transport
-                .stream
-                .contains(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-        {
-            return Err(invalid(format!(
-                "[transport] stream = {:?}: use letters, digits, '_' or '-' (default \"TALLY\")",
-                raw.transport.stream
-            )));
-        }
-        if raw.transport.consumer.is_empty()
-            || raw
-                .transport
-                .consumer
-                .contains(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-        {
-            return Err(invalid(format!(
-                "[transport] consumer = {:?}: use letters, digits, '_' or '-' (default \"tally-apply\")",
-                raw.transport.consumer
-            )));
+        for (key, name, default) in [
+            ("stream", &raw.transport.stream, "TALLY"),
+            ("consumer", &raw.transport.consumer, "tally-apply"),
+        ] {
+            let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+            if name.is_empty() || !name.chars().all(valid) {
+                return Err(invalid(format!(
+                    "[transport] {key} = {name:?}: use letters, digits, '_' or '-' (default \"{default}\")"
+                )));
+            }
         }
         if raw.transport.ack_wait_seconds == 0 {
             return Err(invalid(

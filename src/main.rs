@@ -438,40 +438,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tally::capture::ensure_slot(&source, &config.source_url, &config.capture.slot).await?;
             let database = database_name(&source).await?;
             let (stop_appliers, stop) = tokio::sync::watch::channel(false);
-            let (captured, applied) = match config.transport.kind {
+            let (publisher, subscriptions) = match config.transport.kind {
                 TransportKind::Embedded => {
                     let (publisher, queue) =
                         tally::transport::embedded::channel(parallel * 2, config.apply.batch_size);
                     let subscriptions = subscriptions(&config, parallel, Some(&queue)).await?;
-                    drop(queue);
-                    run_pipeline(
-                        &config,
-                        &database,
-                        publisher,
-                        subscriptions,
-                        model,
-                        parallel,
-                        stop_appliers,
-                        stop,
-                    )
-                    .await?
+                    (AnyPublisher::Embedded(publisher), subscriptions)
                 }
                 TransportKind::Nats => {
                     let publisher = NatsTransport::connect(&config.transport).await?.publisher();
                     let subscriptions = subscriptions(&config, parallel, None).await?;
-                    run_pipeline(
-                        &config,
-                        &database,
-                        publisher,
-                        subscriptions,
-                        model,
-                        parallel,
-                        stop_appliers,
-                        stop,
-                    )
-                    .await?
+                    (AnyPublisher::Nats(Box::new(publisher)), subscriptions)
                 }
             };
+            let (captured, applied) = run_pipeline(
+                &config,
+                &database,
+                publisher,
+                subscriptions,
+                model,
+                parallel,
+                stop_appliers,
+                stop,
+            )
+            .await?;
             eprintln!(
                 "stopped: captured {} events, {applied}; slot confirmed up to {}",
                 captured.events,

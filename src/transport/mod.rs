@@ -91,6 +91,7 @@ pub trait Publisher {
 /// The publishers a command line can choose between.
 pub enum AnyPublisher {
     Lines(file::LinesPublisher),
+    Embedded(embedded::EmbeddedPublisher),
     Nats(Box<nats::NatsPublisher>),
 }
 
@@ -98,6 +99,7 @@ impl Publisher for AnyPublisher {
     async fn publish(&mut self, event: CapturedEvent) -> std::io::Result<()> {
         match self {
             AnyPublisher::Lines(p) => p.publish(event).await,
+            AnyPublisher::Embedded(p) => p.publish(event).await,
             AnyPublisher::Nats(p) => p.publish(event).await,
         }
     }
@@ -105,6 +107,7 @@ impl Publisher for AnyPublisher {
     async fn flush(&mut self) -> std::io::Result<()> {
         match self {
             AnyPublisher::Lines(p) => p.flush().await,
+            AnyPublisher::Embedded(p) => p.flush().await,
             AnyPublisher::Nats(p) => p.flush().await,
         }
     }
@@ -112,6 +115,7 @@ impl Publisher for AnyPublisher {
     async fn make_durable(&mut self) -> std::io::Result<()> {
         match self {
             AnyPublisher::Lines(p) => p.make_durable().await,
+            AnyPublisher::Embedded(p) => p.make_durable().await,
             AnyPublisher::Nats(p) => p.make_durable().await,
         }
     }
