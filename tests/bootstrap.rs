@@ -7,16 +7,23 @@ mod common;
 
 use std::path::Path;
 use std::process::Child;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rand::{Rng, SeedableRng};
 
 const SCHEMA: &str = "
 CREATE TABLE items (id bigint PRIMARY KEY, grp integer NOT NULL, amount numeric(12,2), deleted_at timestamptz);
 INSERT INTO items SELECT g, g % 97, (g % 1000) / 7.0, CASE WHEN g % 13 = 0 THEN now() END FROM generate_series(1, 100000) g;";
+
+const WRITES: RandomWrites = RandomWrites {
+    insert: "INSERT INTO items VALUES ($1, $2, 1.25, NULL)",
+    update: "UPDATE items SET amount = amount + 2.50, grp = (grp + 1) % 97 WHERE id = $1",
+    toggle: "UPDATE items SET deleted_at = CASE WHEN deleted_at IS NULL THEN now() END WHERE id = $1",
+    delete: "DELETE FROM items WHERE id = $1",
+    existing_ids: 100_000,
+    groups: 97,
+    first_new_id: 200_000,
+};
 
 const VIEWS: &str = "
 CREATE MATERIALIZED VIEW grp_totals AS
@@ -25,53 +32,6 @@ CREATE MATERIALIZED VIEW everything AS SELECT COUNT(*) AS n, SUM(amount) AS amou
 
 fn tally(args: &[&str]) -> Child {
     tally_command(args).spawn().unwrap()
-}
-
-async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>) {
-    let client = tally::db::connect(&url).await.unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut next_id = 200_000 + seed as i64 * 1_000_000;
-    while !stop.load(Ordering::Relaxed) {
-        let id: i64 = rng.random_range(1..100_000);
-        match rng.random_range(0..4) {
-            0 => {
-                next_id += 1;
-                client
-                    .execute(
-                        "INSERT INTO items VALUES ($1, $2, 1.25, NULL)",
-                        &[&next_id, &rng.random_range(0..97i32)],
-                    )
-                    .await
-                    .unwrap();
-            }
-            1 => {
-                client.execute("UPDATE items SET amount = amount + 2.50, grp = (grp + 1) % 97 WHERE id = $1", &[&id]).await.unwrap();
-            }
-            2 => {
-                client.execute("UPDATE items SET deleted_at = CASE WHEN deleted_at IS NULL THEN now() END WHERE id = $1", &[&id]).await.unwrap();
-            }
-            _ => {
-                client
-                    .execute("DELETE FROM items WHERE id = $1", &[&id])
-                    .await
-                    .unwrap();
-            }
-        }
-    }
-}
-
-fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "process did not finish in {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn state_has_progress(path: &Path) -> bool {
@@ -101,10 +61,7 @@ async fn bootstrap_plus_stream_converge_exactly() {
         .await
         .unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..2)
-        .map(|i| tokio::spawn(writer(env.source_url.clone(), i, stop.clone())))
-        .collect();
+    let writers = Writers::start(&env.source_url, WRITES, 2);
 
     let args = [
         "bootstrap",
@@ -147,10 +104,7 @@ async fn bootstrap_plus_stream_converge_exactly() {
         stream.to_str().unwrap(),
     ]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
+    writers.stop().await;
     let source = env.source().await;
     wait_until_captured(&source).await;
     assert!(terminate(&mut capture).success());
