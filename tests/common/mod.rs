@@ -78,7 +78,13 @@ impl TestEnv {
             .append(true)
             .open(self.config_path())
             .unwrap();
-        write!(file, "[transport]\nkind = \"nats\"\nurl = \"{url}\"\n").unwrap();
+        // A killed applier's unacknowledged events go to another after
+        // ack_wait: short, so tests converge quickly.
+        write!(
+            file,
+            "[transport]\nkind = \"nats\"\nurl = \"{url}\"\nack_wait_seconds = 3\n"
+        )
+        .unwrap();
     }
 
     /// Runs `tally bootstrap` into `boot.jsonl` in the test's directory (the
