@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rand::{Rng, SeedableRng};
 
 const SCHEMA: &str = "
 CREATE TABLE items (id bigint PRIMARY KEY, grp integer NOT NULL, amount numeric(12,2), deleted_at timestamptz);
@@ -27,38 +26,18 @@ fn tally(args: &[&str]) -> Child {
     tally_command(args).spawn().unwrap()
 }
 
-async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>) {
-    let client = tally::db::connect(&url).await.unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut next_id = 200_000 + seed as i64 * 1_000_000;
-    while !stop.load(Ordering::Relaxed) {
-        let id: i64 = rng.random_range(1..100_000);
-        match rng.random_range(0..4) {
-            0 => {
-                next_id += 1;
-                client
-                    .execute(
-                        "INSERT INTO items VALUES ($1, $2, 1.25, NULL)",
-                        &[&next_id, &rng.random_range(0..97i32)],
-                    )
-                    .await
-                    .unwrap();
-            }
-            1 => {
-                client.execute("UPDATE items SET amount = amount + 2.50, grp = (grp + 1) % 97 WHERE id = $1", &[&id]).await.unwrap();
-            }
-            2 => {
-                client.execute("UPDATE items SET deleted_at = CASE WHEN deleted_at IS NULL THEN now() END WHERE id = $1", &[&id]).await.unwrap();
-            }
-            _ => {
-                client
-                    .execute("DELETE FROM items WHERE id = $1", &[&id])
-                    .await
-                    .unwrap();
-            }
-        }
-    }
-}
+/// Writers insert, move between groups, soft-delete/restore and delete.
+static LOAD: RandomWrites = RandomWrites {
+    insert: "INSERT INTO items VALUES ($1, $2, 1.25, NULL)",
+    others: [
+        "UPDATE items SET amount = amount + 2.50, grp = (grp + 1) % 97 WHERE id = $1",
+        "UPDATE items SET deleted_at = CASE WHEN deleted_at IS NULL THEN now() END WHERE id = $1",
+        "DELETE FROM items WHERE id = $1",
+    ],
+    rows: 100_000,
+    groups: 97,
+    first_new_id: 200_000,
+};
 
 fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let started = Instant::now();
@@ -103,7 +82,14 @@ async fn bootstrap_plus_stream_converge_exactly() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..2)
-        .map(|i| tokio::spawn(writer(env.source_url.clone(), i, stop.clone())))
+        .map(|i| {
+            tokio::spawn(random_writer(
+                env.source_url.clone(),
+                i,
+                stop.clone(),
+                &LOAD,
+            ))
+        })
         .collect();
 
     let args = [

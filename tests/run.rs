@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rand::{Rng, SeedableRng};
 
 const SCHEMA: &str = "
 CREATE TABLE orders (id bigint PRIMARY KEY, customer integer NOT NULL, total numeric(12,2), cancelled boolean NOT NULL DEFAULT false);
@@ -27,44 +26,18 @@ fn run(config: &str) -> Child {
         .unwrap()
 }
 
-async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>) {
-    let client = tally::db::connect(&url).await.unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut next_id = 10_000 + seed as i64 * 1_000_000;
-    while !stop.load(Ordering::Relaxed) {
-        let id: i64 = rng.random_range(1..2000);
-        match rng.random_range(0..4) {
-            0 => {
-                next_id += 1;
-                client
-                    .execute(
-                        "INSERT INTO orders VALUES ($1, $2, 9.99)",
-                        &[&next_id, &rng.random_range(0..50i32)],
-                    )
-                    .await
-                    .unwrap();
-            }
-            1 => {
-                client.execute("UPDATE orders SET total = total + 1, customer = (customer + 1) % 50 WHERE id = $1", &[&id]).await.unwrap();
-            }
-            2 => {
-                client
-                    .execute(
-                        "UPDATE orders SET cancelled = NOT cancelled WHERE id = $1",
-                        &[&id],
-                    )
-                    .await
-                    .unwrap();
-            }
-            _ => {
-                client
-                    .execute("DELETE FROM orders WHERE id = $1", &[&id])
-                    .await
-                    .unwrap();
-            }
-        }
-    }
-}
+/// Three writers insert, move between customers, cancel and delete orders.
+static LOAD: RandomWrites = RandomWrites {
+    insert: "INSERT INTO orders VALUES ($1, $2, 9.99)",
+    others: [
+        "UPDATE orders SET total = total + 1, customer = (customer + 1) % 50 WHERE id = $1",
+        "UPDATE orders SET cancelled = NOT cancelled WHERE id = $1",
+        "DELETE FROM orders WHERE id = $1",
+    ],
+    rows: 2000,
+    groups: 50,
+    first_new_id: 10_000,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn run_survives_sigkill_and_converges() {
@@ -97,7 +70,14 @@ async fn run_survives_sigkill_and_converges() {
     let mut process = run(config);
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..3)
-        .map(|i| tokio::spawn(writer(env.source_url.clone(), i, stop.clone())))
+        .map(|i| {
+            tokio::spawn(random_writer(
+                env.source_url.clone(),
+                i,
+                stop.clone(),
+                &LOAD,
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(2000)).await;
     process.kill().unwrap();

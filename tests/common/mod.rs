@@ -234,3 +234,150 @@ pub async fn wait_until_captured(source: &Client) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+impl TestEnv {
+    /// Like [`TestEnv::new`], but the target database lives in a cluster of
+    /// its own, returned alongside, so a test can stop and restart the
+    /// target (connections refused meanwhile) while the source keeps
+    /// running. `env.cluster` is the source's cluster; `env.target_url`
+    /// points at the returned one, whose port survives `restart()`.
+    pub async fn with_separate_target(
+        source_schema: &str,
+        views_sql: &str,
+    ) -> (TestEnv, PgCluster) {
+        let start = || async {
+            tokio::task::spawn_blocking(PgCluster::start)
+                .await
+                .unwrap()
+                .expect("start a private Postgres")
+        };
+        let cluster = start().await;
+        let target_cluster = start().await;
+        let source_url = cluster.create_database("source").expect("create source db");
+        let target_url = target_cluster
+            .create_database("target")
+            .expect("create target db");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("views.sql"), views_sql).unwrap();
+        std::fs::write(
+            dir.path().join("tally.toml"),
+            format!(
+                "views = \"views.sql\"\n[source]\nurl = \"{source_url}\"\n[target]\nurl = \"{target_url}\"\n"
+            ),
+        )
+        .unwrap();
+        let env = TestEnv {
+            cluster,
+            source_url,
+            target_url,
+            dir,
+        };
+        env.source()
+            .await
+            .batch_execute(source_schema)
+            .await
+            .expect("source schema");
+        (env, target_cluster)
+    }
+}
+
+/// The shape of a random write load on one table with an integer group
+/// column: an insert of a new row, or one of three statements on an
+/// existing row, each with probability 1/4.
+pub struct RandomWrites {
+    /// `INSERT` with `$1` the new row's id (bigint), `$2` its group (int).
+    pub insert: &'static str,
+    /// Three statements on the row with id `$1` (bigint): updates and a
+    /// delete.
+    pub others: [&'static str; 3],
+    /// Existing rows have ids in `1..rows`.
+    pub rows: i64,
+    /// Groups are `0..groups`.
+    pub groups: i32,
+    /// New rows get ids from `first_new_id + seed * 1_000_000` up, so
+    /// writers with different seeds never collide.
+    pub first_new_id: i64,
+}
+
+/// Writes `load` on one connection until `stop`; returns the number of
+/// transactions (each statement autocommits). The same `seed` gives the
+/// same sequence of statements.
+pub async fn random_writer(
+    url: String,
+    seed: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    load: &'static RandomWrites,
+) -> u64 {
+    use rand::{Rng, SeedableRng};
+    let client = tally::db::connect(&url).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut next_id = load.first_new_id + seed as i64 * 1_000_000;
+    let mut transactions = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let id: i64 = rng.random_range(1..load.rows);
+        // i32, as the writers this replaced drew it: same seed, same load.
+        match rng.random_range(0..4i32) {
+            0 => {
+                next_id += 1;
+                let group = rng.random_range(0..load.groups);
+                client
+                    .execute(load.insert, &[&next_id, &group])
+                    .await
+                    .unwrap();
+            }
+            other => {
+                client
+                    .execute(load.others[other as usize - 1], &[&id])
+                    .await
+                    .unwrap();
+            }
+        }
+        transactions += 1;
+    }
+    transactions
+}
+
+/// Samples a process's resident set size (`VmRSS`) every `every` on a
+/// thread of its own, until [`RssSampler::finish`]. Unlike `VmHWM` it can
+/// say *when* memory peaked (the test prints the peak per phase).
+pub struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(std::time::Duration, u64)>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32, every: std::time::Duration) -> RssSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let mut samples = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(kib) = vm_rss_kib(pid) {
+                    samples.push((started.elapsed(), kib));
+                }
+                std::thread::sleep(every);
+            }
+            samples
+        });
+        RssSampler { stop, thread }
+    }
+
+    /// Stops sampling; returns `(time since start, VmRSS in KiB)` samples.
+    pub fn finish(self) -> Vec<(std::time::Duration, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// `VmRSS` of a live process in KiB; `None` once it is gone.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
