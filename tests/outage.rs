@@ -148,6 +148,12 @@ async fn target_outage_under_load_loses_nothing_and_catches_up() {
         "target back at {outage_ended:.1?}; {written_during_outage} source transactions committed while it was down"
     );
     if let Some((after, status)) = died_during_outage {
+        // Stop the writers first, so their connections are not cut by the
+        // clusters going away and the failure below is the only one shown.
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            let _ = w.await;
+        }
         panic!(
             "`tally run` exited ({status}) {after:.1?} into a {OUTAGE:?} target outage; it must \
              keep running while the target is unreachable (appliers retry with backoff and \
