@@ -80,7 +80,9 @@ SELECT grp, SUM(balance) AS total, COUNT(*) AS n FROM accounts GROUP BY grp;";
 
 /// The side table and trigger in the target that record when each view row
 /// was written. Unlogged: the marks are read back by this benchmark only,
-/// and should add as little as possible to the apply transaction.
+/// and should add as little as possible to the apply transaction. The view
+/// table is named unqualified, as Tally creates it: through the search path
+/// (with the role `tally`, that is the schema `tally`).
 const TARGET_MARKS: &str = "
 CREATE UNLOGGED TABLE public.latency_marks (grp int NOT NULL, total bigint NOT NULL, at timestamptz NOT NULL);
 CREATE FUNCTION public.latency_mark() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -88,7 +90,7 @@ BEGIN
     INSERT INTO public.latency_marks VALUES (NEW.grp, NEW.total, clock_timestamp());
     RETURN NULL;
 END $$;
-CREATE TRIGGER latency_mark AFTER INSERT OR UPDATE ON public.balances
+CREATE TRIGGER latency_mark AFTER INSERT OR UPDATE ON balances
     FOR EACH ROW EXECUTE FUNCTION public.latency_mark();";
 
 // ---------------------------------------------------------------- settings
@@ -505,6 +507,18 @@ async fn run_one(
             "tally {name} exited with {status} on SIGTERM"
         );
     }
+    // The server notices the replication connection is gone a moment after
+    // the process exits; the slot can be dropped once it is inactive.
+    wait_until("slot inactive", Duration::from_secs(30), || async {
+        Ok(source
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&slot],
+            )
+            .await?
+            .is_some())
+    })
+    .await?;
     source
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await?;
