@@ -499,7 +499,7 @@ async fn run_one(
         }
         exits.push((*name, terminate(child)?));
     }
-    drop(nats);
+    // (The NATS server, if any, stops when `nats` goes out of scope.)
     let (marks, txs, catch_up) = result?;
     for (name, status) in exits {
         ensure!(
@@ -777,12 +777,12 @@ async fn main() -> Result<()> {
     // rather than failing the embedded ones.
     let mut skipped = Vec::new();
     let mut transports = settings.transports.clone();
-    if transports.contains(&Transport::Nats) {
-        if let Err(error) = tokio::task::block_in_place(Nats::start) {
-            eprintln!("NATS runs skipped: {error:#}");
-            skipped.push(format!("nats: {error:#}"));
-            transports.retain(|t| *t != Transport::Nats);
-        }
+    if transports.contains(&Transport::Nats)
+        && let Err(error) = tokio::task::block_in_place(Nats::start)
+    {
+        eprintln!("NATS runs skipped: {error:#}");
+        skipped.push(format!("nats: {error:#}"));
+        transports.retain(|t| *t != Transport::Nats);
     }
     let mut results = Vec::new();
     let mut index = 0;

@@ -134,10 +134,10 @@ async fn target_outage_under_load_loses_nothing_and_catches_up() {
     let down = Instant::now();
     while down.elapsed() < OUTAGE {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if died_during_outage.is_none() {
-            if let Some(status) = process.try_wait().unwrap() {
-                died_during_outage = Some((down.elapsed(), status));
-            }
+        if died_during_outage.is_none()
+            && let Some(status) = process.try_wait().unwrap()
+        {
+            died_during_outage = Some((down.elapsed(), status));
         }
     }
     let written_during_outage = source_next_xid(&source).await - commits_before;
