@@ -46,12 +46,63 @@ pub struct Endpoint {
     pub url: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+/// How events travel from capture to apply.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TransportConfig {
-    #[serde(default)]
+    /// `embedded` (one process: `tally run`) or `nats` (JetStream).
     pub kind: TransportKind,
+    /// The NATS server, e.g. `nats://127.0.0.1:4222`.
     pub url: Option<String>,
+    /// The JetStream stream: one per source database.
+    pub stream: String,
+    /// The durable consumer all `tally apply` processes share.
+    pub consumer: String,
+    /// How long a delivery may stay unacknowledged before JetStream gives it
+    /// to another applier (an applier that died holds it this long).
+    pub ack_wait_seconds: u64,
+    /// Deliveries after which an event is dead-lettered instead of tried.
+    pub max_deliveries: u64,
+    /// Shuffle, duplicate and delay deliveries (tests and the demo).
+    pub chaos: Option<ChaosConfig>,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            kind: TransportKind::Embedded,
+            url: None,
+            stream: "TALLY".into(),
+            consumer: "tally-apply".into(),
+            ack_wait_seconds: 30,
+            max_deliveries: 20,
+            chaos: None,
+        }
+    }
+}
+
+/// Deliberate disorder in delivery, reproducible from its seed.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChaosConfig {
+    pub seed: u64,
+    /// Share of deliveries also delivered a second time.
+    pub duplicate: f64,
+    /// Share of deliveries held back for a while.
+    pub delay: f64,
+    /// The longest hold-back, in milliseconds.
+    pub max_delay_ms: u64,
+}
+
+impl Default for ChaosConfig {
+    fn default() -> Self {
+        ChaosConfig {
+            seed: 1,
+            duplicate: 0.2,
+            delay: 0.3,
+            max_delay_ms: 300,
+        }
+    }
 }
 
 /// Tuning of the apply stage.
@@ -139,7 +190,7 @@ impl Config {
         let mut raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Invalid {
             path: path.to_path_buf(),
             message: format!(
-                "{}. Valid keys: views, [source] url, [target] url, [transport] kind (\"embedded\" or \"nats\") and url, [apply] batch_size, [capture] slot and publication.",
+                "{}. Valid keys: views, [source] url, [target] url, [transport] kind (\"embedded\" or \"nats\"), url, stream, consumer, ack_wait_seconds, max_deliveries and [transport.chaos] seed, duplicate, delay, max_delay_ms, [apply] batch_size, [capture] slot and publication.",
                 err.message()
             ),
         })?;
@@ -167,6 +218,57 @@ impl Config {
                     });
                 }
             };
+        }
+        if let Some(seed) = env("TALLY_CHAOS_SEED") {
+            let seed = seed.parse().map_err(|_| ConfigError::BadEnv {
+                var: "TALLY_CHAOS_SEED",
+                value: seed.clone(),
+                fix: "use a whole number (the seed of the shuffling)",
+            })?;
+            raw.transport.chaos = Some(ChaosConfig {
+                seed,
+                ..raw.transport.chaos.unwrap_or_default()
+            });
+        }
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if raw.transport.kind == TransportKind::Nats && raw.transport.url.is_none() {
+            return Err(ConfigError::Missing {
+                key: "[transport] url",
+                fix: "with kind = \"nats\", set url = \"nats://host:4222\" in [transport] or TALLY_TRANSPORT_URL",
+            });
+        }
+        for (key, name, default) in [
+            ("stream", &raw.transport.stream, "TALLY"),
+            ("consumer", &raw.transport.consumer, "tally-apply"),
+        ] {
+            let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+            if name.is_empty() || !name.chars().all(valid) {
+                return Err(invalid(format!(
+                    "[transport] {key} = {name:?}: use letters, digits, '_' or '-' (default \"{default}\")"
+                )));
+            }
+        }
+        if raw.transport.ack_wait_seconds == 0 {
+            return Err(invalid(
+                "[transport] ack_wait_seconds must be at least 1 (default 30)".into(),
+            ));
+        }
+        if raw.transport.max_deliveries == 0 {
+            return Err(invalid(
+                "[transport] max_deliveries must be at least 1 (default 20)".into(),
+            ));
+        }
+        if let Some(chaos) = &raw.transport.chaos {
+            for (key, share) in [("duplicate", chaos.duplicate), ("delay", chaos.delay)] {
+                if !(0.0..=1.0).contains(&share) {
+                    return Err(invalid(format!(
+                        "[transport.chaos] {key} = {share}: use a share between 0 and 1"
+                    )));
+                }
+            }
         }
         if raw.apply.batch_size == 0 {
             return Err(ConfigError::Invalid {
@@ -285,6 +387,34 @@ url = "postgres://a@h/dst"
     fn bad_transport_kind_is_refused() {
         let err = parse(&format!("{GOOD}\n[transport]\nkind = \"kafka\"\n"), &[]).unwrap_err();
         assert!(err.to_string().contains("kafka"), "{err}");
+    }
+
+    #[test]
+    fn nats_needs_a_url_and_sane_settings() {
+        let err = parse(&format!("{GOOD}\n[transport]\nkind = \"nats\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("[transport] url"), "{err}");
+        let config = parse(
+            &format!("{GOOD}\n[transport]\nkind = \"nats\"\nurl = \"nats://h:4222\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.transport.stream, "TALLY");
+        assert_eq!(config.transport.max_deliveries, 20);
+        let err = parse(&format!("{GOOD}\n[transport]\nstream = \"a.b\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("stream"), "{err}");
+        let err = parse(
+            &format!("{GOOD}\n[transport.chaos]\nduplicate = 1.5\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("duplicate"), "{err}");
+    }
+
+    #[test]
+    fn chaos_seed_from_the_environment() {
+        let config = parse(GOOD, &[("TALLY_CHAOS_SEED", "7")]).unwrap();
+        assert_eq!(config.transport.chaos.map(|c| c.seed), Some(7));
+        assert!(parse(GOOD, &[("TALLY_CHAOS_SEED", "x")]).is_err());
     }
 
     #[test]

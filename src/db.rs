@@ -79,3 +79,29 @@ pub fn is_transient(err: &tokio_postgres::Error) -> bool {
         None => false,
     }
 }
+
+/// Whether the error means the server cannot be used right now (connection
+/// lost or refused, server shutting down or starting, too many
+/// connections), as opposed to a rejection of what was sent.
+pub fn is_unavailable(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(inner) = source {
+        if inner.is::<std::io::Error>() {
+            return true;
+        }
+        source = inner.source();
+    }
+    match err.code() {
+        // 08: connection exception; 57P0x: shutdown, crash, cannot connect
+        // now; 53300: too many connections; 55000 covers a database that
+        // does not accept connections now.
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }
+        None => false,
+    }
+}

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio_postgres::Client;
 
+use crate::apply::consumer::{ConsumeOptions, consume_all};
 use crate::apply::{ApplyError, Model};
 use crate::capture::{self, CaptureError};
 use crate::config::CaptureConfig;
 use crate::db::{self, ConnectError, describe};
 use crate::ops::verify::{render_report, verify_views};
 use crate::pgcluster::{ClusterError, PgCluster};
+use crate::progress::Counter;
 use crate::transport::embedded;
 
 #[derive(Debug, Error)]
@@ -108,7 +110,23 @@ pub async fn run(stop: impl std::future::Future<Output = ()>) -> Result<(), Demo
     capture::prepare_source(&source, &capture_config, &tables).await?;
     capture::ensure_slot(&source, &source_url, &capture_config.slot).await?;
     let (mut sink, queue) = embedded::channel(4, 2000);
-    let appliers = embedded::spawn_appliers(&queue, &target_url, model.clone(), 2).await?;
+    let appliers = {
+        let (target_url, model) = (target_url.clone(), model.clone());
+        // The appliers stop when capture stops and the queue drains.
+        let (_never, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let subscriptions = vec![queue.clone(), queue];
+            consume_all(
+                subscriptions,
+                &target_url,
+                model,
+                ConsumeOptions::default(),
+                stop,
+                Counter::default(),
+            )
+            .await
+        })
+    };
     let (stop_pipeline, pipeline_stopped) = tokio::sync::oneshot::channel::<()>();
     let pipeline_source_url = source_url.clone();
     let pipeline = tokio::spawn(async move {
@@ -190,9 +208,7 @@ pub async fn run(stop: impl std::future::Future<Output = ()>) -> Result<(), Demo
     stop.await;
     let _ = stop_pipeline.send(());
     let _ = pipeline.await;
-    for applier in appliers {
-        let _ = applier.await;
-    }
+    let _ = appliers.await;
     drop(cluster);
     println!("Stopped; the private PostgreSQL is removed.");
     Ok(())

@@ -8,12 +8,19 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use tally::apply::Model;
+use tally::apply::consumer::{ConsumeOptions, consume_all};
 use tally::apply::runner::apply_lines_counted;
-use tally::config::{Config, redact_url};
+use tally::apply::{ApplyStats, Model};
+use tally::config::{Config, TransportKind, redact_url};
+use tally::event::TableName;
 use tally::ops::verify::{render_report, verify_views};
 use tally::progress::{Counter, Reporter};
+use tally::transport::chaos::ChaosSubscription;
+use tally::transport::embedded::EmbeddedSubscription;
+use tally::transport::file::LinesPublisher;
 use tally::transport::file::open_input;
+use tally::transport::nats::NatsTransport;
+use tally::transport::{AnyPublisher, DynSubscription};
 
 /// Tally keeps SQL-defined aggregates (sums, counts, averages, ratios) of a
 /// PostgreSQL database exactly right in a target database, from change
@@ -36,8 +43,11 @@ struct ConfigArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply Debezium JSON change events (one per line) to the target's
-    /// ledger and view tables, then print a summary.
+    /// Apply Debezium JSON change events to the target's ledger and view
+    /// tables: from a file (one per line), or, without --input, from the
+    /// configured transport ([transport] kind = "nats") until Ctrl-C or
+    /// SIGTERM. Run as many `tally apply` processes as you like; they share
+    /// the work.
     ///
     /// Events may come in any order, more than once: each row change is
     /// counted once, stale and duplicate deliveries are dropped, malformed
@@ -45,9 +55,10 @@ enum Command {
     Apply {
         #[command(flatten)]
         config: ConfigArg,
-        /// Read events from FILE, or from stdin with `-`.
+        /// Read events from FILE, or from stdin with `-`. Without it, events
+        /// come from the configured transport.
         #[arg(long, short, value_name = "FILE|-")]
-        input: PathBuf,
+        input: Option<PathBuf>,
         /// Exit with status 2 if any event was dead-lettered.
         #[arg(long)]
         strict: bool,
@@ -63,10 +74,11 @@ enum Command {
     /// writes checked against the source. Needs only PostgreSQL's server
     /// package. Ctrl-C stops and removes everything.
     Demo,
-    /// Capture and apply in one process, joined by an in-process queue:
-    /// the source's changes flow into the views within milliseconds. The
-    /// slot is confirmed only up to what the target has committed, so a
-    /// crash loses nothing. Stop with Ctrl-C or SIGTERM.
+    /// Capture and apply in one process, joined by an in-process queue
+    /// (or by NATS when [transport] kind = "nats"): the source's changes
+    /// flow into the views within milliseconds. The slot is confirmed only
+    /// up to what the target has committed (or NATS has stored), so a crash
+    /// loses nothing. Stop with Ctrl-C or SIGTERM.
     Run {
         #[command(flatten)]
         config: ConfigArg,
@@ -75,12 +87,15 @@ enum Command {
         parallel: usize,
     },
     /// Stream the source's changes (logical replication) as Debezium JSON
-    /// lines. Creates the publication and the replication slot if missing;
-    /// resumes where the slot was confirmed. Stop with Ctrl-C or SIGTERM.
+    /// events: to the configured transport ([transport] kind = "nats"), or
+    /// with --output as lines to a file or stdout. Creates the publication
+    /// and the replication slot if missing; resumes where the slot was
+    /// confirmed. Stop with Ctrl-C or SIGTERM.
     Capture {
         #[command(flatten)]
         config: ConfigArg,
-        /// Append events to FILE, or write them to stdout with `-`.
+        /// Append events to FILE, or write them to stdout with `-`, instead
+        /// of publishing them to the configured transport.
         #[arg(long, short, value_name = "FILE|-")]
         output: Option<PathBuf>,
     },
@@ -91,7 +106,8 @@ enum Command {
     Bootstrap {
         #[command(flatten)]
         config: ConfigArg,
-        /// Append events to FILE, or write them to stdout with `-`.
+        /// Append events to FILE, or write them to stdout with `-`, instead
+        /// of publishing them to the configured transport.
         #[arg(long, short, value_name = "FILE|-")]
         output: Option<PathBuf>,
         /// Where progress is kept between runs.
@@ -112,10 +128,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo tells its own story; its logs would only interleave.
+    // Client libraries' own info lines (every NOTICE, every reconnect
+    // attempt) would drown Tally's, which say the same once.
     let default_level = if matches!(cli.command, Command::Demo) {
         "warn"
     } else {
-        "info"
+        "info,async_nats=warn,tokio_postgres=warn"
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -135,23 +153,149 @@ fn main() -> ExitCode {
     }
 }
 
-/// The config, the tables the views read, and the output path, for the
-/// commands that read the source's changes.
-fn capture_setup(
-    config_path: &std::path::Path,
-    output: Option<PathBuf>,
-) -> Result<(Config, Vec<tally::event::TableName>, PathBuf)> {
+/// The config and the tables the views read, for the commands that read
+/// the source's changes.
+fn capture_setup(config_path: &std::path::Path) -> Result<(Config, Vec<TableName>)> {
     let config = Config::load(config_path)?;
-    let Some(output) = output else {
-        anyhow::bail!(
-            "without --output, events go to the configured transport, which is not built yet; pass --output FILE or --output -"
-        );
-    };
     let views = tally::views::load_views(&config.views)?;
     let mut tables: Vec<_> = views.iter().map(|v| v.source.clone()).collect();
     tables.sort();
     tables.dedup();
-    Ok((config, tables, output))
+    Ok((config, tables))
+}
+
+/// Where captured events go: `--output`, else the configured transport.
+async fn open_publisher(config: &Config, output: Option<PathBuf>) -> Result<AnyPublisher> {
+    match (output, config.transport.kind) {
+        (Some(output), _) => Ok(AnyPublisher::Lines(
+            LinesPublisher::open(&output)
+                .await
+                .with_context(|| format!("cannot open output {}", output.display()))?,
+        )),
+        (None, TransportKind::Nats) => Ok(AnyPublisher::Nats(Box::new(
+            NatsTransport::connect(&config.transport).await?.publisher(),
+        ))),
+        (None, TransportKind::Embedded) => anyhow::bail!(
+            "nowhere to send events: pass --output FILE (or - for stdout), or set [transport] kind = \"nats\" and url in the config; to capture and apply in one process, use `tally run`"
+        ),
+    }
+}
+
+/// The name of the source database, as events carry it.
+async fn database_name(source: &tokio_postgres::Client) -> Result<String> {
+    Ok(source
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0))
+}
+
+/// A flag raised on Ctrl-C or SIGTERM, for the appliers.
+fn stop_flag_on_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (raise, flag) = tokio::sync::watch::channel(false);
+    let signal = shutdown_signal();
+    tokio::spawn(async move {
+        signal.await;
+        tracing::info!("stopping: finishing the batches in flight");
+        let _ = raise.send(true);
+    });
+    flag
+}
+
+/// One subscription per applier on the configured transport, wrapped in
+/// chaos when the config asks for it.
+async fn subscriptions(
+    config: &Config,
+    parallel: usize,
+    embedded: Option<&EmbeddedSubscription>,
+) -> Result<Vec<Box<dyn DynSubscription>>> {
+    let mut out: Vec<Box<dyn DynSubscription>> = Vec::new();
+    let nats = match embedded {
+        Some(_) => None,
+        None => Some(NatsTransport::connect(&config.transport).await?),
+    };
+    for index in 0..parallel.max(1) {
+        let plain: Box<dyn DynSubscription> = match (&nats, embedded) {
+            (Some(nats), _) => Box::new(nats.subscription().await?),
+            (None, Some(queue)) => Box::new(queue.clone()),
+            (None, None) => unreachable!("one transport is chosen"),
+        };
+        out.push(match config.transport.chaos {
+            Some(chaos) => {
+                if index == 0 {
+                    tracing::warn!(
+                        "chaos is on (seed {}): deliveries are shuffled, duplicated and delayed",
+                        chaos.seed
+                    );
+                }
+                Box::new(ChaosSubscription::new(plain, chaos, index as u64))
+            }
+            None => plain,
+        });
+    }
+    Ok(out)
+}
+
+fn consume_options(config: &Config, batch_size: usize) -> ConsumeOptions {
+    ConsumeOptions {
+        batch_size,
+        max_deliveries: config.transport.max_deliveries,
+        ..ConsumeOptions::default()
+    }
+}
+
+/// `tally run`: capture into `publisher` and apply from `subscriptions`
+/// until Ctrl-C or SIGTERM; then capture makes everything durable and
+/// confirms the slot, and the appliers finish what they hold.
+#[allow(clippy::too_many_arguments)]
+async fn run_pipeline<P: tally::transport::Publisher + Send>(
+    config: &Config,
+    database: &str,
+    mut publisher: P,
+    subscriptions: Vec<Box<dyn DynSubscription>>,
+    model: Arc<Model>,
+    parallel: usize,
+    stop_appliers: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(tally::capture::CaptureStats, ApplyStats)> {
+    let target_url = config.target_url.clone();
+    let options = consume_options(config, config.apply.batch_size);
+    let appliers = tokio::spawn(async move {
+        consume_all(
+            subscriptions,
+            &target_url,
+            model,
+            options,
+            stop,
+            Counter::default(),
+        )
+        .await
+    });
+    let mut appliers = std::pin::pin!(appliers);
+    tracing::info!(
+        "running: capture from slot \"{}\" with {parallel} appliers",
+        config.capture.slot
+    );
+    let captured = tokio::select! {
+        captured = tally::capture::stream_changes(
+            &config.source_url,
+            &config.capture,
+            database,
+            &mut publisher,
+            shutdown_signal(),
+        ) => captured?,
+        stopped = &mut appliers => {
+            let err = match stopped {
+                Ok(Ok(_)) => anyhow::anyhow!("the appliers stopped"),
+                Ok(Err(err)) => err.into(),
+                Err(join) => anyhow::anyhow!("an applier panicked: {join}"),
+            };
+            return Err(err.context("applying to the target"));
+        }
+    };
+    drop(publisher);
+    let _ = stop_appliers.send(true);
+    let applied = appliers.await??;
+    Ok((captured, applied))
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -215,24 +359,53 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             batch_size,
         } => {
             let (config, _source, _target, model) = open(&config.config).await?;
-            let reader = open_input(&input)
-                .await
-                .with_context(|| format!("cannot open input {}", input.display()))?;
             let started = Instant::now();
             let batch_size = batch_size.unwrap_or(config.apply.batch_size).max(1);
             let committed = Counter::default();
-            let reporter = Reporter::start("events applied", committed.clone(), None);
-            let stats = apply_lines_counted(
-                reader,
-                &config.target_url,
-                model,
-                parallel,
-                batch_size,
-                committed,
-            )
-            .await
-            .with_context(|| format!("applying to {}", redact_url(&config.target_url)))?;
-            drop(reporter);
+            let stats = match input {
+                Some(input) => {
+                    let reader = open_input(&input)
+                        .await
+                        .with_context(|| format!("cannot open input {}", input.display()))?;
+                    let reporter = Reporter::start("events applied", committed.clone(), None);
+                    let stats = apply_lines_counted(
+                        reader,
+                        &config.target_url,
+                        model,
+                        parallel,
+                        batch_size,
+                        committed,
+                    )
+                    .await
+                    .with_context(|| format!("applying to {}", redact_url(&config.target_url)))?;
+                    drop(reporter);
+                    stats
+                }
+                None => {
+                    if config.transport.kind == TransportKind::Embedded {
+                        anyhow::bail!(
+                            "nothing to apply from: pass --input FILE (or - for stdin), or set [transport] kind = \"nats\" and url in the config; to capture and apply in one process, use `tally run`"
+                        );
+                    }
+                    let stop = stop_flag_on_signal();
+                    let subscriptions = subscriptions(&config, parallel, None).await?;
+                    tracing::info!(
+                        "applying from NATS at {} with {parallel} applier{}; stop with Ctrl-C or SIGTERM",
+                        redact_url(config.transport.url.as_deref().unwrap_or_default()),
+                        if parallel == 1 { "" } else { "s" }
+                    );
+                    consume_all(
+                        subscriptions,
+                        &config.target_url,
+                        model,
+                        consume_options(&config, batch_size),
+                        stop,
+                        committed,
+                    )
+                    .await
+                    .with_context(|| format!("applying to {}", redact_url(&config.target_url)))?
+                }
+            };
             let elapsed = started.elapsed().as_secs_f64();
             let events = stats.applied
                 + stats.coalesced
@@ -263,53 +436,32 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let tables: Vec<_> = model.tables.keys().cloned().collect();
             tally::capture::prepare_source(&source, &config.capture, &tables).await?;
             tally::capture::ensure_slot(&source, &config.source_url, &config.capture.slot).await?;
-            let database: String = source
-                .query_one("SELECT current_database()::text", &[])
-                .await?
-                .get(0);
-            let (mut sink, queue) =
-                tally::transport::embedded::channel(parallel * 2, config.apply.batch_size);
-            let handles = tally::transport::embedded::spawn_appliers(
-                &queue,
-                &config.target_url,
-                model,
-                parallel,
-            )
-            .await?;
-            let appliers = tokio::spawn(async move {
-                let mut running: futures::stream::FuturesUnordered<_> =
-                    handles.into_iter().collect();
-                let mut total = tally::apply::ApplyStats::default();
-                while let Some(result) = futures::StreamExt::next(&mut running).await {
-                    total +=
-                        result.map_err(|err| anyhow::anyhow!("an applier stopped: {err}"))??;
+            let database = database_name(&source).await?;
+            let (stop_appliers, stop) = tokio::sync::watch::channel(false);
+            let (publisher, subscriptions) = match config.transport.kind {
+                TransportKind::Embedded => {
+                    let (publisher, queue) =
+                        tally::transport::embedded::channel(parallel * 2, config.apply.batch_size);
+                    let subscriptions = subscriptions(&config, parallel, Some(&queue)).await?;
+                    (AnyPublisher::Embedded(publisher), subscriptions)
                 }
-                Ok::<_, anyhow::Error>(total)
-            });
-            let mut appliers = std::pin::pin!(appliers);
-            tracing::info!(
-                "running: capture from slot \"{}\" with {parallel} appliers",
-                config.capture.slot
-            );
-            let captured = tokio::select! {
-                captured = tally::capture::stream_changes(
-                    &config.source_url,
-                    &config.capture,
-                    &database,
-                    &mut sink,
-                    shutdown_signal(),
-                ) => captured?,
-                stopped = &mut appliers => {
-                    let err = match stopped {
-                        Ok(Ok(_)) => anyhow::anyhow!("the appliers stopped"),
-                        Ok(Err(err)) => err,
-                        Err(join) => anyhow::anyhow!("an applier panicked: {join}"),
-                    };
-                    return Err(err.context("applying to the target"));
+                TransportKind::Nats => {
+                    let publisher = NatsTransport::connect(&config.transport).await?.publisher();
+                    let subscriptions = subscriptions(&config, parallel, None).await?;
+                    (AnyPublisher::Nats(Box::new(publisher)), subscriptions)
                 }
             };
-            drop(sink);
-            let applied = appliers.await??;
+            let (captured, applied) = run_pipeline(
+                &config,
+                &database,
+                publisher,
+                subscriptions,
+                model,
+                parallel,
+                stop_appliers,
+                stop,
+            )
+            .await?;
             eprintln!(
                 "stopped: captured {} events, {applied}; slot confirmed up to {}",
                 captured.events,
@@ -322,19 +474,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output,
             state,
         } => {
-            let (config, tables, output) = capture_setup(&config.config, output)?;
+            let (config, tables) = capture_setup(&config.config)?;
             let mut source = tally::db::connect(&config.source_url).await?;
             tally::capture::prepare_source(&source, &config.capture, &tables).await?;
-            let mut sink = tally::capture::LinesSink::open(&output)
-                .await
-                .with_context(|| format!("cannot open output {}", output.display()))?;
+            let mut publisher = open_publisher(&config, output).await?;
             let stats = tally::ops::bootstrap::bootstrap(
                 &mut source,
                 &config.source_url,
                 &config.capture.slot,
                 &tables,
                 &state,
-                &mut sink,
+                &mut publisher,
             )
             .await?;
             eprintln!(
@@ -351,22 +501,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Capture { config, output } => {
-            let (config, tables, output) = capture_setup(&config.config, output)?;
+            let (config, tables) = capture_setup(&config.config)?;
             let source = tally::db::connect(&config.source_url).await?;
             tally::capture::prepare_source(&source, &config.capture, &tables).await?;
             tally::capture::ensure_slot(&source, &config.source_url, &config.capture.slot).await?;
-            let database: String = source
-                .query_one("SELECT current_database()::text", &[])
-                .await?
-                .get(0);
-            let mut sink = tally::capture::LinesSink::open(&output)
-                .await
-                .with_context(|| format!("cannot open output {}", output.display()))?;
+            let database = database_name(&source).await?;
+            let mut publisher = open_publisher(&config, output).await?;
             let stats = tally::capture::stream_changes(
                 &config.source_url,
                 &config.capture,
                 &database,
-                &mut sink,
+                &mut publisher,
                 shutdown_signal(),
             )
             .await?;

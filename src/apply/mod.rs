@@ -6,6 +6,7 @@
 //! - [`store`]: the batch transaction on the target.
 //! - [`schema`]: Tally's own tables in the target.
 
+pub mod consumer;
 pub mod core;
 pub mod runner;
 pub mod schema;
@@ -41,13 +42,31 @@ pub enum ApplyError {
     Input(String),
     #[error("target database: {0}")]
     Target(String),
+    /// The target cannot be reached now (connection lost or refused, server
+    /// shutting down); the same work can be retried once it is back.
+    #[error("target database unavailable: {0}")]
+    Unavailable(String),
+    #[error("transport: {0}")]
+    Transport(#[from] crate::transport::TransportError),
     #[error("view \"{view}\": {message}")]
     ViewSchema { view: String, message: String },
 }
 
 impl From<tokio_postgres::Error> for ApplyError {
     fn from(err: tokio_postgres::Error) -> Self {
-        ApplyError::Target(describe(&err))
+        if db::is_unavailable(&err) {
+            ApplyError::Unavailable(describe(&err))
+        } else {
+            ApplyError::Target(describe(&err))
+        }
+    }
+}
+
+impl ApplyError {
+    /// Whether waiting for the target and retrying the same work can
+    /// succeed.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ApplyError::Unavailable(_) | ApplyError::Connect(_))
     }
 }
 
@@ -222,12 +241,40 @@ impl Applier {
     /// transaction. Invalid messages are dead-lettered in it; a message the
     /// target itself rejects is isolated by splitting the batch, and
     /// dead-lettered alone, so it never blocks the others.
-    pub async fn apply_messages(&mut self, messages: &[String]) -> Result<ApplyStats, ApplyError> {
+    pub async fn apply_messages<M: AsRef<str>>(
+        &mut self,
+        messages: &[M],
+    ) -> Result<ApplyStats, ApplyError> {
         let items: Vec<(Item, &str)> = messages
             .iter()
-            .map(|m| (self.decode(m), m.as_str()))
+            .map(|m| (self.decode(m.as_ref()), m.as_ref()))
             .collect();
         self.apply_items(&items).await
+    }
+
+    /// Writes `messages` to the dead-letter table with `reason`, without
+    /// trying to apply them.
+    pub async fn dead_letter<M: AsRef<str>>(
+        &mut self,
+        messages: &[M],
+        reason: &str,
+    ) -> Result<ApplyStats, ApplyError> {
+        let items: Vec<(Item, &str)> = messages
+            .iter()
+            .map(|m| {
+                let table = match event::parse_event(m.as_ref()) {
+                    Ok(Parsed::Event(event)) => Some(event.table.to_string()),
+                    _ => None,
+                };
+                let dead = Item::Dead(DeadLetter {
+                    table,
+                    reason: reason.to_string(),
+                    payload: m.as_ref().to_string(),
+                });
+                (dead, m.as_ref())
+            })
+            .collect();
+        Ok(self.try_items(&items).await?)
     }
 
     fn decode(&self, message: &str) -> Item {
@@ -263,7 +310,9 @@ impl Applier {
         Box::pin(async move {
             match self.try_items(items).await {
                 Ok(stats) => Ok(stats),
-                Err(err) if err.as_db_error().is_none() => Err(err.into()),
+                Err(err) if err.as_db_error().is_none() || db::is_unavailable(&err) => {
+                    Err(err.into())
+                }
                 Err(err) => {
                     // The target rejected something in the batch: isolate it.
                     let live = items

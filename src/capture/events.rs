@@ -6,16 +6,18 @@
 //! the change's own LSN from the WAL record the message describes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::pgoutput::{PgOutputMessage, Relation, Tuple, write_tuple_json};
 use super::replication::postgres_us_to_unix_ms;
-use crate::event::UNCHANGED_TOAST;
+use crate::event::{TableName, UNCHANGED_TOAST};
+use crate::transport::CapturedEvent;
 
 /// What one pgoutput message means for the output.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// Envelopes to write, one JSON document each.
-    Events(Vec<String>),
+    /// Events to publish, in WAL order.
+    Events(Vec<CapturedEvent>),
     /// A transaction ended at `end_lsn`: once everything before is durable
     /// the slot may be confirmed up to here.
     Commit {
@@ -36,6 +38,8 @@ struct Transaction {
 pub struct EventBuilder {
     database: String,
     relations: HashMap<u32, Relation>,
+    /// Each relation's table name, shared by all its events.
+    tables: HashMap<u32, Arc<TableName>>,
     transaction: Option<Transaction>,
 }
 
@@ -72,6 +76,10 @@ impl EventBuilder {
                 Ok(Step::Commit { end_lsn })
             }
             PgOutputMessage::Relation(relation) => {
+                self.tables.insert(
+                    relation.id,
+                    Arc::new(TableName::new(&relation.namespace, &relation.name)),
+                );
                 self.relations.insert(relation.id, relation);
                 Ok(Step::Nothing)
             }
@@ -147,10 +155,15 @@ impl EventBuilder {
         before: Option<&Tuple>,
         after: Option<&Tuple>,
         lsn: u64,
-    ) -> Result<String, String> {
+    ) -> Result<CapturedEvent, String> {
         let transaction = self
             .transaction
             .ok_or_else(|| format!("change to {} outside a transaction", relation.name))?;
+        let table = self
+            .tables
+            .get(&relation.id)
+            .cloned()
+            .ok_or_else(|| format!("no table name for relation {}", relation.id))?;
         let mut out: Vec<u8> = Vec::with_capacity(256);
         let write_row = |out: &mut Vec<u8>, tuple: Option<&Tuple>| match tuple {
             None => {
@@ -179,7 +192,13 @@ impl EventBuilder {
             )
             .as_bytes(),
         );
-        String::from_utf8(out).map_err(|e| e.to_string())
+        Ok(CapturedEvent {
+            table,
+            commit_lsn: transaction.commit_lsn,
+            lsn,
+            row_key: String::new(),
+            json: String::from_utf8(out).map_err(|e| e.to_string())?,
+        })
     }
 }
 
@@ -243,7 +262,9 @@ mod tests {
         let Step::Events(events) = step else {
             panic!("{step:?}")
         };
-        let event: serde_json::Value = serde_json::from_str(&events[0]).unwrap();
+        let event: serde_json::Value = serde_json::from_str(&events[0].json).unwrap();
+        assert_eq!((events[0].commit_lsn, events[0].lsn), (500, 12));
+        assert_eq!(events[0].table.to_string(), "public.invoices");
         assert_eq!(event["op"], "c");
         assert_eq!(event["source"]["commit_lsn"], 500);
         assert_eq!(event["source"]["lsn"], 12);

@@ -17,7 +17,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
 use tokio_postgres::Client;
 
 use self::events::{EventBuilder, Step};
@@ -25,6 +24,7 @@ use self::replication::{ReplicationConnection, ReplicationError, StreamMessage};
 use crate::config::CaptureConfig;
 use crate::db::describe;
 use crate::event::{TableName, quote_ident};
+use crate::transport::Publisher;
 
 #[derive(Debug, Error)]
 pub enum CaptureError {
@@ -168,111 +168,14 @@ pub async fn ensure_slot(
     Ok(())
 }
 
-/// Where captured events go. `make_durable` must not return before every
-/// event written so far would survive a crash of this process.
-pub trait EventSink {
-    fn write_event(&mut self, event: &str) -> impl Future<Output = std::io::Result<()>> + Send;
-    /// Hands written events on (e.g. flushes a pipe) without the cost of
-    /// durability; called at each commit so readers see events promptly.
-    fn flush(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
-    fn make_durable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
-}
-
-/// JSON lines to a file (made durable with fsync) or to stdout.
-pub struct LinesSink {
-    writer: tokio::io::BufWriter<Box<dyn tokio::io::AsyncWrite + Unpin + Send>>,
-    file: Option<tokio::fs::File>,
-}
-
-impl LinesSink {
-    /// `-` is stdout; anything else a file opened for appending.
-    pub async fn open(path: &std::path::Path) -> std::io::Result<LinesSink> {
-        if path == std::path::Path::new("-") {
-            return Ok(LinesSink {
-                writer: tokio::io::BufWriter::with_capacity(1 << 20, Box::new(tokio::io::stdout())),
-                file: None,
-            });
-        }
-        drop_torn_last_line(path).await?;
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await?;
-        let sync_handle = file.try_clone().await?;
-        Ok(LinesSink {
-            writer: tokio::io::BufWriter::with_capacity(1 << 20, Box::new(file)),
-            file: Some(sync_handle),
-        })
-    }
-}
-
-/// A crash can leave half a line at the end of the file; it was never
-/// confirmed, so it is sent again after restart. Cutting it off keeps it
-/// from gluing onto the next event.
-async fn drop_torn_last_line(path: &std::path::Path) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut file = match tokio::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .await
-    {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(err),
-    };
-    let length = file.metadata().await?.len();
-    let mut end = length;
-    let mut buffer = vec![0u8; 64 * 1024];
-    while end > 0 {
-        let start = end.saturating_sub(buffer.len() as u64);
-        let chunk = &mut buffer[..(end - start) as usize];
-        file.seek(std::io::SeekFrom::Start(start)).await?;
-        file.read_exact(chunk).await?;
-        if let Some(position) = chunk.iter().rposition(|b| *b == b'\n') {
-            end = start + position as u64 + 1;
-            break;
-        }
-        end = start;
-    }
-    if end < length {
-        tracing::warn!(
-            "{}: cut a torn last line of {} bytes left by a crash",
-            path.display(),
-            length - end
-        );
-        file.set_len(end).await?;
-        file.sync_data().await?;
-    }
-    Ok(())
-}
-
-impl EventSink for LinesSink {
-    async fn write_event(&mut self, event: &str) -> std::io::Result<()> {
-        self.writer.write_all(event.as_bytes()).await?;
-        self.writer.write_all(b"\n").await
-    }
-
-    async fn flush(&mut self) -> std::io::Result<()> {
-        self.writer.flush().await
-    }
-
-    async fn make_durable(&mut self) -> std::io::Result<()> {
-        self.writer.flush().await?;
-        if let Some(file) = &self.file {
-            file.sync_data().await?;
-        }
-        Ok(())
-    }
-}
-
 /// Counters of one capture run.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CaptureStats {
     pub events: u64,
     pub transactions: u64,
     pub confirmed_lsn: u64,
+    /// Replication sessions started (more than one after reconnects).
+    pub sessions: u64,
 }
 
 /// How often the slot is confirmed while changes flow.
@@ -281,7 +184,7 @@ const CONFIRM_INTERVAL: Duration = Duration::from_millis(200);
 /// Streams changes from the slot into `sink` until `shutdown` completes;
 /// reconnects with backoff when the source goes away. On shutdown the sink
 /// is made durable and the slot confirmed before returning.
-pub async fn stream_changes<S: EventSink + Send>(
+pub async fn stream_changes<S: Publisher + Send>(
     source_url: &str,
     config: &CaptureConfig,
     database: &str,
@@ -291,14 +194,29 @@ pub async fn stream_changes<S: EventSink + Send>(
     let mut stats = CaptureStats::default();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = Duration::from_millis(250);
+    // A slot still held by our own previous session (its walsender has not
+    // noticed the closed connection yet) is waited for, not reported.
+    let mut reconnecting = false;
     loop {
+        let sessions_before = stats.sessions;
         let session = stream_session(source_url, config, database, sink, &mut stats);
         tokio::select! {
             result = session => match result {
                 Ok(()) => return Ok(stats),
-                Err(CaptureError::Replication(err)) if is_retryable(&err) => {
-                    tracing::warn!("source replication connection lost ({err}); reconnecting in {backoff:?}");
-                    sink.make_durable().await?;
+                Err(err) if is_retryable(&err) || (reconnecting && matches!(err, CaptureError::SlotActive { .. })) => {
+                    if stats.sessions > sessions_before {
+                        // The last session had streamed: a new failure.
+                        reconnecting = false;
+                        backoff = Duration::from_millis(250);
+                    }
+                    if !reconnecting {
+                        tracing::warn!("{err}; reconnecting with backoff, resuming from the slot's confirmed position");
+                    }
+                    reconnecting = true;
+                    // Whatever is not durable is sent again from the slot.
+                    if let Err(err) = sink.make_durable().await {
+                        tracing::debug!("while reconnecting: {err}");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = &mut shutdown => return Ok(stats),
@@ -327,7 +245,24 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn is_retryable(err: &ReplicationError) -> bool {
+/// Whether a new session may succeed: the source or the transport went
+/// away, as opposed to a setup or data problem.
+fn is_retryable(err: &CaptureError) -> bool {
+    match err {
+        CaptureError::Replication(err) => is_retryable_replication(err),
+        CaptureError::Sink(err) => matches!(
+            err.kind(),
+            std::io::ErrorKind::NotConnected
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+        ),
+        _ => false,
+    }
+}
+
+fn is_retryable_replication(err: &ReplicationError) -> bool {
     match err {
         ReplicationError::Closed | ReplicationError::Io(_) | ReplicationError::Connect { .. } => {
             true
@@ -338,7 +273,7 @@ fn is_retryable(err: &ReplicationError) -> bool {
     }
 }
 
-async fn stream_session<S: EventSink>(
+async fn stream_session<S: Publisher>(
     source_url: &str,
     config: &CaptureConfig,
     database: &str,
@@ -358,7 +293,15 @@ async fn stream_session<S: EventSink>(
             }
             other => other.into(),
         })?;
-    tracing::info!("streaming changes from slot \"{}\"", config.slot);
+    stats.sessions += 1;
+    if stats.sessions > 1 {
+        tracing::info!(
+            "reconnected; streaming changes from slot \"{}\" again",
+            config.slot
+        );
+    } else {
+        tracing::info!("streaming changes from slot \"{}\"", config.slot);
+    }
     // Reading runs on its own task so that confirming the slot can be
     // driven by a timer without cancelling a half-read message.
     let (messages, mut inbox) = tokio::sync::mpsc::channel(1024);
@@ -392,7 +335,7 @@ async fn stream_session<S: EventSink>(
                         match builder.handle(wal_start, decoded).map_err(CaptureError::Decode)? {
                             Step::Events(events) => {
                                 for event in events {
-                                    sink.write_event(&event).await?;
+                                    sink.publish(event).await?;
                                     stats.events += 1;
                                 }
                             }

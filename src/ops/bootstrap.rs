@@ -19,12 +19,13 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio_postgres::Client;
 
+use crate::capture::CaptureError;
 use crate::capture::replication::{ReplicationConnection, ReplicationError};
-use crate::capture::{CaptureError, EventSink};
 use crate::catalog::{self, CatalogError, TableMeta};
 use crate::db::describe;
 use crate::event::{TableName, parse_lsn_text, quote_ident};
 use crate::progress::{Counter, Reporter};
+use crate::transport::{CapturedEvent, Publisher};
 
 #[derive(Debug, Error)]
 pub enum BootstrapError {
@@ -107,7 +108,7 @@ const SLOT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHE
 pub const CHUNK_ROWS: i64 = 10_000;
 
 /// Runs (or resumes) a bootstrap of `tables` into `sink`.
-pub async fn bootstrap<S: EventSink + Send>(
+pub async fn bootstrap<S: Publisher + Send>(
     source: &mut Client,
     source_url: &str,
     slot: &str,
@@ -191,6 +192,7 @@ pub async fn bootstrap<S: EventSink + Send>(
             continue;
         }
         let meta = &metas[table];
+        let table_name = std::sync::Arc::new(table.clone());
         let (first_chunk, next_chunk) = chunk_queries(meta, state.consistent_point);
         let first = tx.prepare(&first_chunk).await?;
         let next = tx.prepare(&next_chunk).await?;
@@ -200,7 +202,15 @@ pub async fn bootstrap<S: EventSink + Send>(
                 Some(last) => tx.query(&next, &[last, &CHUNK_ROWS]).await?,
             };
             for row in &rows {
-                sink.write_event(row.get::<_, &str>(0)).await?;
+                let key: Vec<String> = row.get(1);
+                sink.publish(CapturedEvent {
+                    table: table_name.clone(),
+                    commit_lsn: state.consistent_point,
+                    lsn: 0,
+                    row_key: key.join("\u{1f}"),
+                    json: row.get(0),
+                })
+                .await?;
             }
             let Some(last_row) = rows.last() else { break };
             sink.make_durable().await?;

@@ -1,59 +1,103 @@
 //! The in-process transport of `tally run`: capture and apply in one
 //! process, joined by a bounded queue.
 //!
-//! Capture writes into an [`EmbeddedSink`]; its `make_durable` waits until
-//! apply has committed every event handed over so far, so the slot is
-//! confirmed only up to what is in the target and a crash of the process
+//! Capture publishes into an [`EmbeddedPublisher`]; its `make_durable` waits
+//! until apply has acknowledged every event handed over so far, so the slot
+//! is confirmed only up to what is in the target and a crash of the process
 //! loses nothing. The queue is bounded, so a slow target slows capture
-//! (backpressure) instead of growing memory.
+//! (backpressure) instead of growing memory. A refused delivery (`nak`)
+//! comes back after its delay, and its batch counts as unacknowledged until
+//! it is finally acknowledged.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as SyncMutex};
+use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::sync::{Mutex, mpsc, watch};
 
-use crate::apply::{Applier, ApplyError, ApplyStats, Model};
-use crate::capture::EventSink;
+use super::{CapturedEvent, Delivery, Publisher, Settle, Subscription, TransportError};
 
-/// A batch of messages with its sequence number.
+/// A batch of events with its sequence number.
 struct Batch {
     sequence: u64,
     messages: Vec<String>,
 }
 
 /// Capture's end of the queue.
-pub struct EmbeddedSink {
+pub struct EmbeddedPublisher {
     sender: mpsc::Sender<Batch>,
     pending: Vec<String>,
     batch_size: usize,
     next_sequence: u64,
-    committed: watch::Receiver<u64>,
+    acknowledged: watch::Receiver<u64>,
 }
 
-/// Apply's end: tracks which batches are committed.
+/// A refused delivery on its way back into the queue.
+struct Retry {
+    payload: Arc<str>,
+    delivered: u64,
+    ticket: Arc<Ticket>,
+}
+
+/// What appliers take deliveries from.
+struct Inbox {
+    batches: mpsc::Receiver<Batch>,
+    retries: mpsc::UnboundedReceiver<Retry>,
+    closed: bool,
+}
+
+/// State shared by every applier's subscription.
+struct Shared {
+    inbox: Mutex<Inbox>,
+    retry_sender: mpsc::UnboundedSender<Retry>,
+    /// The highest sequence below which every batch is acknowledged, and
+    /// the acknowledged sequences above it.
+    progress: SyncMutex<(u64, BTreeSet<u64>)>,
+    acknowledged: watch::Sender<u64>,
+    /// Deliveries handed out and not yet acknowledged.
+    outstanding: AtomicUsize,
+}
+
+/// One batch's acknowledgement count.
+struct Ticket {
+    sequence: u64,
+    remaining: AtomicUsize,
+    shared: Arc<Shared>,
+}
+
+/// Apply's end; clone one per applier.
 #[derive(Clone)]
-pub struct EmbeddedQueue {
-    receiver: Arc<Mutex<mpsc::Receiver<Batch>>>,
-    done: Arc<Mutex<(u64, BTreeSet<u64>)>>,
-    committed: Arc<watch::Sender<u64>>,
+pub struct EmbeddedSubscription {
+    shared: Arc<Shared>,
 }
 
 /// A queue holding at most `capacity` batches of up to `batch_size` events.
-pub fn channel(capacity: usize, batch_size: usize) -> (EmbeddedSink, EmbeddedQueue) {
-    let (sender, receiver) = mpsc::channel(capacity.max(1));
-    let (committed_tx, committed_rx) = watch::channel(0u64);
+pub fn channel(capacity: usize, batch_size: usize) -> (EmbeddedPublisher, EmbeddedSubscription) {
+    let (sender, batches) = mpsc::channel(capacity.max(1));
+    let (retry_sender, retries) = mpsc::unbounded_channel();
+    let (acknowledged_tx, acknowledged_rx) = watch::channel(0u64);
     (
-        EmbeddedSink {
+        EmbeddedPublisher {
             sender,
             pending: Vec::with_capacity(batch_size),
             batch_size: batch_size.max(1),
             next_sequence: 1,
-            committed: committed_rx,
+            acknowledged: acknowledged_rx,
         },
-        EmbeddedQueue {
-            receiver: Arc::new(Mutex::new(receiver)),
-            done: Arc::new(Mutex::new((0, BTreeSet::new()))),
-            committed: Arc::new(committed_tx),
+        EmbeddedSubscription {
+            shared: Arc::new(Shared {
+                inbox: Mutex::new(Inbox {
+                    batches,
+                    retries,
+                    closed: false,
+                }),
+                retry_sender,
+                progress: SyncMutex::new((0, BTreeSet::new())),
+                acknowledged: acknowledged_tx,
+                outstanding: AtomicUsize::new(0),
+            }),
         },
     )
 }
@@ -62,7 +106,7 @@ fn closed() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the appliers stopped")
 }
 
-impl EmbeddedSink {
+impl EmbeddedPublisher {
     async fn send_pending(&mut self) -> std::io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
@@ -76,9 +120,9 @@ impl EmbeddedSink {
     }
 }
 
-impl EventSink for EmbeddedSink {
-    async fn write_event(&mut self, event: &str) -> std::io::Result<()> {
-        self.pending.push(event.to_string());
+impl Publisher for EmbeddedPublisher {
+    async fn publish(&mut self, event: CapturedEvent) -> std::io::Result<()> {
+        self.pending.push(event.json);
         if self.pending.len() >= self.batch_size {
             self.send_pending().await?;
         }
@@ -97,54 +141,215 @@ impl EventSink for EmbeddedSink {
     async fn make_durable(&mut self) -> std::io::Result<()> {
         self.send_pending().await?;
         let last_sent = self.next_sequence - 1;
-        self.committed
-            .wait_for(|committed| *committed >= last_sent)
+        self.acknowledged
+            .wait_for(|acknowledged| *acknowledged >= last_sent)
             .await
             .map_err(|_| closed())?;
         Ok(())
     }
 }
 
-impl EmbeddedQueue {
-    /// Runs one applier until capture's end closes; returns its counters.
-    pub async fn run_applier(&self, mut applier: Applier) -> Result<ApplyStats, ApplyError> {
-        let mut total = ApplyStats::default();
-        loop {
-            let batch = self.receiver.lock().await.recv().await;
-            let Some(batch) = batch else { return Ok(total) };
-            total += applier.apply_messages(&batch.messages).await?;
-            self.mark_committed(batch.sequence).await;
-        }
+impl Shared {
+    /// Batches finish out of order across appliers; the acknowledged mark
+    /// advances only over a gapless prefix.
+    fn batch_acknowledged(&self, sequence: u64) {
+        let prefix = {
+            let mut progress = self.progress.lock().expect("progress lock");
+            progress.1.insert(sequence);
+            let mut prefix = progress.0;
+            while progress.1.remove(&(prefix + 1)) {
+                prefix += 1;
+            }
+            progress.0 = prefix;
+            prefix
+        };
+        self.acknowledged.send_replace(prefix);
     }
 
-    /// Batches finish out of order across appliers; the committed mark
-    /// advances only over a gapless prefix.
-    async fn mark_committed(&self, sequence: u64) {
-        let mut done = self.done.lock().await;
-        done.1.insert(sequence);
-        let mut prefix = done.0;
-        while done.1.remove(&(prefix + 1)) {
-            prefix += 1;
+    fn deliver(
+        self: &Arc<Self>,
+        payload: Arc<str>,
+        delivered: u64,
+        ticket: Arc<Ticket>,
+    ) -> Delivery {
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
+        Delivery {
+            payload: payload.to_string(),
+            delivered,
+            settle: Box::new(EmbeddedSettle {
+                payload,
+                delivered,
+                ticket,
+            }),
         }
-        done.0 = prefix;
-        self.committed.send_replace(prefix);
     }
 }
 
-/// Starts `parallel` appliers on the queue.
-pub async fn spawn_appliers(
-    queue: &EmbeddedQueue,
-    target_url: &str,
-    model: Arc<Model>,
-    parallel: usize,
-) -> Result<Vec<tokio::task::JoinHandle<Result<ApplyStats, ApplyError>>>, ApplyError> {
-    let mut handles = Vec::new();
-    for _ in 0..parallel.max(1) {
-        let applier = Applier::connect(target_url, model.clone()).await?;
-        let queue = queue.clone();
-        handles.push(tokio::spawn(
-            async move { queue.run_applier(applier).await },
-        ));
+struct EmbeddedSettle {
+    payload: Arc<str>,
+    delivered: u64,
+    ticket: Arc<Ticket>,
+}
+
+impl Settle for EmbeddedSettle {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        let shared = self.ticket.shared.clone();
+        if self.ticket.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            shared.batch_acknowledged(self.ticket.sequence);
+        }
+        shared.outstanding.fetch_sub(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
     }
-    Ok(handles)
+
+    fn nak(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), TransportError>> {
+        let retry = Retry {
+            payload: self.payload,
+            delivered: self.delivered + 1,
+            ticket: self.ticket,
+        };
+        let shared = retry.ticket.shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            // Counted as outstanding until it is back in the inbox.
+            let _ = shared.retry_sender.send(retry);
+            shared.outstanding.fetch_sub(1, Ordering::SeqCst);
+        });
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Subscription for EmbeddedSubscription {
+    /// Takes what is ready, without lingering: capture already hands over
+    /// batches as big as the appliers' pace allows.
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        _linger: Duration,
+    ) -> Result<Option<Vec<Delivery>>, TransportError> {
+        let shared = &self.shared;
+        let mut inbox = shared.inbox.lock().await;
+        let mut out = Vec::new();
+        loop {
+            while out.len() < max {
+                match inbox.retries.try_recv() {
+                    Ok(retry) => {
+                        out.push(shared.deliver(retry.payload, retry.delivered, retry.ticket))
+                    }
+                    Err(_) => break,
+                }
+            }
+            while out.len() < max && !inbox.closed {
+                match inbox.batches.try_recv() {
+                    Ok(batch) => self.take_batch(batch, &mut out),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => inbox.closed = true,
+                }
+            }
+            if !out.is_empty() {
+                return Ok(Some(out));
+            }
+            if inbox.closed && shared.outstanding.load(Ordering::SeqCst) == 0 {
+                return Ok(None);
+            }
+            let Inbox {
+                batches,
+                retries,
+                closed,
+            } = &mut *inbox;
+            tokio::select! {
+                batch = batches.recv(), if !*closed => match batch {
+                    Some(batch) => self.take_batch(batch, &mut out),
+                    None => *closed = true,
+                },
+                retry = retries.recv() => if let Some(retry) = retry {
+                    out.push(shared.deliver(retry.payload, retry.delivered, retry.ticket));
+                },
+                // Others' deliveries may still come back refused.
+                _ = tokio::time::sleep(Duration::from_millis(50)), if *closed => {}
+            }
+        }
+    }
+}
+
+impl EmbeddedSubscription {
+    fn take_batch(&self, batch: Batch, out: &mut Vec<Delivery>) {
+        if batch.messages.is_empty() {
+            self.shared.batch_acknowledged(batch.sequence);
+            return;
+        }
+        let ticket = Arc::new(Ticket {
+            sequence: batch.sequence,
+            remaining: AtomicUsize::new(batch.messages.len()),
+            shared: self.shared.clone(),
+        });
+        for message in batch.messages {
+            out.push(self.shared.deliver(message.into(), 1, ticket.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TableName;
+
+    fn event(n: u64) -> CapturedEvent {
+        CapturedEvent {
+            table: Arc::new(TableName::new("public", "t")),
+            commit_lsn: n,
+            lsn: n,
+            row_key: String::new(),
+            json: format!("event {n}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn durable_only_after_every_delivery_is_acknowledged() {
+        let (mut publisher, mut subscription) = channel(4, 2);
+        for n in 0..3 {
+            publisher.publish(event(n)).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+        let mut durable = Box::pin(publisher.make_durable());
+        let batch = subscription
+            .next_batch(10, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch.len(), 3);
+        let mut batch = batch.into_iter();
+        // Refuse one: durability waits for its redelivery and ack.
+        let refused = batch.next().unwrap();
+        assert_eq!(refused.payload, "event 0");
+        refused.nak(Duration::from_millis(10)).await.unwrap();
+        for delivery in batch {
+            delivery.ack().await.unwrap();
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut durable)
+                .await
+                .is_err(),
+            "durable before the refused event came back"
+        );
+        let again = subscription
+            .next_batch(10, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].payload, "event 0");
+        assert_eq!(again[0].delivered, 2);
+        for delivery in again {
+            delivery.ack().await.unwrap();
+        }
+        durable.await.unwrap();
+        drop(publisher);
+        assert!(
+            subscription
+                .next_batch(10, Duration::ZERO)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
 }
