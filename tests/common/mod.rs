@@ -462,3 +462,94 @@ pub async fn wait_until_captured(source: &Client) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+impl TestEnv {
+    /// Like [`TestEnv::new`], but the target database lives in a cluster of
+    /// its own, returned alongside, so a test can stop and restart the
+    /// target (connections refused meanwhile) while the source keeps
+    /// running. `env.cluster` is the source's cluster; `env.target_url`
+    /// points at the returned one, whose port survives `restart()`.
+    pub async fn with_separate_target(
+        source_schema: &str,
+        views_sql: &str,
+    ) -> (TestEnv, PgCluster) {
+        let start = || async {
+            tokio::task::spawn_blocking(PgCluster::start)
+                .await
+                .unwrap()
+                .expect("start a private Postgres")
+        };
+        let cluster = start().await;
+        let target_cluster = start().await;
+        let source_url = cluster.create_database("source").expect("create source db");
+        let target_url = target_cluster
+            .create_database("target")
+            .expect("create target db");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("views.sql"), views_sql).unwrap();
+        std::fs::write(
+            dir.path().join("tally.toml"),
+            format!(
+                "views = \"views.sql\"\n[source]\nurl = \"{source_url}\"\n[target]\nurl = \"{target_url}\"\n"
+            ),
+        )
+        .unwrap();
+        let env = TestEnv {
+            cluster,
+            source_url,
+            target_url,
+            dir,
+        };
+        env.source()
+            .await
+            .batch_execute(source_schema)
+            .await
+            .expect("source schema");
+        (env, target_cluster)
+    }
+}
+
+/// Samples a process's resident set size (`VmRSS`) every `every` on a
+/// thread of its own, until [`RssSampler::finish`]. Unlike `VmHWM` it can
+/// say *when* memory peaked (the test prints the peak per phase).
+pub struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(std::time::Duration, u64)>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32, every: std::time::Duration) -> RssSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let mut samples = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(kib) = vm_rss_kib(pid) {
+                    samples.push((started.elapsed(), kib));
+                }
+                std::thread::sleep(every);
+            }
+            samples
+        });
+        RssSampler { stop, thread }
+    }
+
+    /// Stops sampling; returns `(time since start, VmRSS in KiB)` samples.
+    pub fn finish(self) -> Vec<(std::time::Duration, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// `VmRSS` of a live process in KiB; `None` once it is gone.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
