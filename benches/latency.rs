@@ -189,23 +189,7 @@ impl Settings {
 
 // ---------------------------------------------------------------- NATS
 
-// TODO(natsserver): the private nats-server launcher is written on another
-// branch. Once `src/natsserver.rs` is in main, delete this placeholder and
-// `use tally::natsserver::NatsServer as Nats;` — the NATS runs below already
-// use exactly its API (`Nats::start()`, `.url()`, dropped to stop).
-struct Nats;
-
-impl Nats {
-    fn start() -> Result<Nats> {
-        bail!(
-            "the NATS runs need tally::natsserver::NatsServer, which is not in this build yet (see the TODO in benches/latency.rs)"
-        )
-    }
-
-    fn url(&self) -> String {
-        unreachable!("Nats::start never succeeds in this build")
-    }
-}
+use tally::natsserver::NatsServer as Nats;
 
 // ---------------------------------------------------------------- helpers
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod event;
+pub mod natsserver;
 pub mod ops;
 pub mod pgcluster;
 pub mod progress;

@@ -635,7 +635,7 @@ fn pid_file_says_ready(data: &Path, pid: u32) -> bool {
 }
 
 /// The last [`LOG_TAIL_LINES`] lines written to the log after `offset`.
-fn log_tail(log: &Path, offset: u64) -> String {
+pub(crate) fn log_tail(log: &Path, offset: u64) -> String {
     let read = || -> io::Result<String> {
         let mut file = fs::File::open(log)?;
         let len = file.metadata()?.len();
@@ -680,7 +680,7 @@ fn shutdown(child: &mut Child) -> Result<(), ClusterError> {
 }
 
 /// Waits up to `timeout` for the child to exit; true when it has.
-fn wait_child(child: &mut Child, timeout: Duration) -> bool {
+pub(crate) fn wait_child(child: &mut Child, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
     loop {
@@ -694,7 +694,7 @@ fn wait_child(child: &mut Child, timeout: Duration) -> bool {
     }
 }
 
-fn send_signal(pid: u32, signal: libc::c_int) {
+pub(crate) fn send_signal(pid: u32, signal: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe { libc::kill(pid, signal) };
@@ -743,7 +743,7 @@ fn proc_stat(pid: u32) -> Option<(char, u32)> {
 
 /// Whether `pid` exists and is not a zombie (a zombie has released its
 /// memory, shared memory included).
-fn process_running(pid: u32) -> bool {
+pub(crate) fn process_running(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
 }
 
@@ -769,10 +769,10 @@ struct SpawnRequest {
     reply: mpsc::Sender<io::Result<Child>>,
 }
 
-/// Spawns a server process (initdb, the postmaster) from the long-lived
-/// spawner thread, with `PR_SET_PDEATHSIG(SIGKILL)` so that it dies with this
-/// process.
-fn spawn_tied(command: Command) -> io::Result<Child> {
+/// Spawns a server process (initdb, the postmaster; `nats-server` for
+/// [`crate::natsserver`]) from the long-lived spawner thread, with
+/// `PR_SET_PDEATHSIG(SIGKILL)` so that it dies with this process.
+pub(crate) fn spawn_tied(command: Command) -> io::Result<Child> {
     static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (sender, requests) = mpsc::channel::<SpawnRequest>();
@@ -892,10 +892,10 @@ fn reap_by_pid(pid: u32, deadline: Instant) -> bool {
     }
 }
 
-/// A free port on 127.0.0.1 that no other cluster of this process holds.
-/// Another process may still take it before postgres binds it; the start
-/// then fails and is retried with another port.
-fn pick_port() -> Result<u16, ClusterError> {
+/// A free port on 127.0.0.1 that no other cluster (or NATS server) of this
+/// process holds. Another process may still take it before the server binds
+/// it; the start then fails and is retried with another port.
+pub(crate) fn pick_port() -> Result<u16, ClusterError> {
     for _ in 0..50 {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .map_err(io_err("binding a port on 127.0.0.1"))?;
@@ -914,7 +914,7 @@ fn pick_port() -> Result<u16, ClusterError> {
     })
 }
 
-fn release_port(port: u16) {
+pub(crate) fn release_port(port: u16) {
     if port != 0 {
         lock(&PORTS).remove(&port);
     }
@@ -1045,13 +1045,13 @@ fn binaries_in(dir: &Path) -> Option<PgBinaries> {
     (is_executable(&initdb) && is_executable(&postgres)).then_some(PgBinaries { initdb, postgres })
 }
 
-fn find_in_path(path_var: Option<&std::ffi::OsStr>, name: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(path_var: Option<&std::ffi::OsStr>, name: &str) -> Option<PathBuf> {
     std::env::split_paths(path_var?)
         .map(|dir| dir.join(name))
         .find(|candidate| is_executable(candidate))
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 

@@ -7,8 +7,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Child;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,6 +15,16 @@ const SCHEMA: &str = "
 CREATE TABLE items (id bigint PRIMARY KEY, grp integer NOT NULL, amount numeric(12,2), deleted_at timestamptz);
 INSERT INTO items SELECT g, g % 97, (g % 1000) / 7.0, CASE WHEN g % 13 = 0 THEN now() END FROM generate_series(1, 100000) g;";
 
+const WRITES: RandomWrites = RandomWrites {
+    insert: "INSERT INTO items VALUES ($1, $2, 1.25, NULL)",
+    update: "UPDATE items SET amount = amount + 2.50, grp = (grp + 1) % 97 WHERE id = $1",
+    toggle: "UPDATE items SET deleted_at = CASE WHEN deleted_at IS NULL THEN now() END WHERE id = $1",
+    delete: "DELETE FROM items WHERE id = $1",
+    existing_ids: 100_000,
+    groups: 97,
+    first_new_id: 200_000,
+};
+
 const VIEWS: &str = "
 CREATE MATERIALIZED VIEW grp_totals AS
 SELECT grp, SUM(amount) AS amount, COUNT(*) AS n FROM items WHERE deleted_at IS NULL GROUP BY grp;
@@ -24,33 +32,6 @@ CREATE MATERIALIZED VIEW everything AS SELECT COUNT(*) AS n, SUM(amount) AS amou
 
 fn tally(args: &[&str]) -> Child {
     tally_command(args).spawn().unwrap()
-}
-
-/// Writers insert, move between groups, soft-delete/restore and delete.
-static LOAD: RandomWrites = RandomWrites {
-    insert: "INSERT INTO items VALUES ($1, $2, 1.25, NULL)",
-    others: [
-        "UPDATE items SET amount = amount + 2.50, grp = (grp + 1) % 97 WHERE id = $1",
-        "UPDATE items SET deleted_at = CASE WHEN deleted_at IS NULL THEN now() END WHERE id = $1",
-        "DELETE FROM items WHERE id = $1",
-    ],
-    rows: 100_000,
-    groups: 97,
-    first_new_id: 200_000,
-};
-
-fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "process did not finish in {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn state_has_progress(path: &Path) -> bool {
@@ -80,17 +61,7 @@ async fn bootstrap_plus_stream_converge_exactly() {
         .await
         .unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..2)
-        .map(|i| {
-            tokio::spawn(random_writer(
-                env.source_url.clone(),
-                i,
-                stop.clone(),
-                &LOAD,
-            ))
-        })
-        .collect();
+    let writers = Writers::start(&env.source_url, WRITES, 2);
 
     let args = [
         "bootstrap",
@@ -133,10 +104,7 @@ async fn bootstrap_plus_stream_converge_exactly() {
         stream.to_str().unwrap(),
     ]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
+    writers.stop().await;
     let source = env.source().await;
     wait_until_captured(&source).await;
     assert!(terminate(&mut capture).success());

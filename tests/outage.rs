@@ -13,15 +13,9 @@
 mod common;
 
 use std::process::Child;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const SCHEMA: &str = "
-CREATE TABLE orders (id bigint PRIMARY KEY, customer integer NOT NULL, total numeric(12,2), cancelled boolean NOT NULL DEFAULT false);
-INSERT INTO orders SELECT g, g % 50, g % 300, false FROM generate_series(1, 2000) g;";
 
 const VIEWS: &str = "
 CREATE MATERIALIZED VIEW customer_orders AS
@@ -29,22 +23,16 @@ SELECT customer, SUM(total) AS total, COUNT(*) AS orders, AVG(total) AS average
 FROM orders WHERE NOT cancelled GROUP BY customer;
 CREATE MATERIALIZED VIEW all_orders AS SELECT COUNT(*) AS n, SUM(total) AS total FROM orders;";
 
-/// Inserts, moves, cancels, and deletes or re-creates rows. The last keeps
-/// the number of live rows steady (a plain `DELETE` would leave the updates
-/// of a longer run hitting mostly deleted ids, writing nothing); two writers
-/// re-creating the same id at once is why it says `ON CONFLICT`.
-static LOAD: RandomWrites = RandomWrites {
-    insert: "INSERT INTO orders VALUES ($1, $2, 9.99)",
-    others: [
-        "UPDATE orders SET total = total + 1, customer = (customer + 1) % 50 WHERE id = $1",
-        "UPDATE orders SET cancelled = NOT cancelled WHERE id = $1",
-        "WITH gone AS (DELETE FROM orders WHERE id = $1 RETURNING id)
-         INSERT INTO orders SELECT $1, ($1 % 50)::int, 5.00 WHERE NOT EXISTS (SELECT 1 FROM gone)
-         ON CONFLICT (id) DO NOTHING",
-    ],
-    rows: 2000,
-    groups: 50,
-    first_new_id: 10_000,
+/// The orders load, but a delete of an already deleted row re-creates it,
+/// keeping the number of live rows steady (a plain `DELETE` would leave the
+/// updates of a longer run hitting mostly deleted ids, writing nothing).
+/// Two writers may re-create the same id at once (both see it gone): hence
+/// `ON CONFLICT`, without which one of them fails on the primary key.
+const LOAD: RandomWrites = RandomWrites {
+    delete: "WITH gone AS (DELETE FROM orders WHERE id = $1 RETURNING id)
+             INSERT INTO orders SELECT $1, ($1 % 50)::int, 5.00 WHERE NOT EXISTS (SELECT 1 FROM gone)
+             ON CONFLICT (id) DO NOTHING",
+    ..ORDERS_WRITES
 };
 
 /// How long the target stays down.
@@ -68,17 +56,6 @@ async fn source_next_xid(source: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
-/// Kills the `tally` process when the test fails half-way, so it does not
-/// outlive the test retrying against clusters that are gone.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Fails the test with a clear message if `process` has exited.
 fn assert_alive(process: &mut Child, when: &str) {
     if let Some(status) = process.try_wait().unwrap() {
@@ -91,7 +68,7 @@ fn assert_alive(process: &mut Child, when: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn target_outage_under_load_loses_nothing_and_catches_up() {
-    let (env, mut target_cluster) = TestEnv::with_separate_target(SCHEMA, VIEWS).await;
+    let (env, mut target_cluster) = TestEnv::with_separate_target(ORDERS_SCHEMA, VIEWS).await;
     let target_port = target_cluster.port();
     let config = env.config_path();
     let config = config.to_str().unwrap();
@@ -120,30 +97,18 @@ async fn target_outage_under_load_loses_nothing_and_catches_up() {
     env.apply(&model, &snapshot, 2, 1000).await;
 
     let source = env.source().await;
-    let mut process = KillOnDrop(
-        tally_command(&["run", "--config", config, "--parallel", "2"])
-            .spawn()
-            .unwrap(),
-    );
+    // Killed if the test fails half-way, so it does not outlive the test
+    // retrying against clusters that are gone.
+    let mut process = spawn_tally(&["run", "--config", config, "--parallel", "2"]);
     let run_started = Instant::now();
-    let rss = RssSampler::start(process.0.id(), Duration::from_millis(100));
+    let rss = RssSampler::start(process.id(), Duration::from_millis(100));
     wait_for_active_slots(&source, 1).await;
 
     // Phase 1: load with the target up.
     let load_started_xid = source_next_xid(&source).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..3)
-        .map(|i| {
-            tokio::spawn(random_writer(
-                env.source_url.clone(),
-                i,
-                stop.clone(),
-                &LOAD,
-            ))
-        })
-        .collect();
+    let writers = Writers::start(&env.source_url, LOAD, 3);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_alive(&mut process.0, "before the outage");
+    assert_alive(&mut process, "before the outage");
 
     // Phase 2: the target refuses connections; the writers go on.
     let commits_before = source_next_xid(&source).await;
@@ -155,7 +120,7 @@ async fn target_outage_under_load_loses_nothing_and_catches_up() {
     while down.elapsed() < OUTAGE {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if died_during_outage.is_none()
-            && let Some(status) = process.0.try_wait().unwrap()
+            && let Some(status) = process.try_wait().unwrap()
         {
             died_during_outage = Some((down.elapsed(), status));
         }
@@ -165,15 +130,12 @@ async fn target_outage_under_load_loses_nothing_and_catches_up() {
     let outage_ended = run_started.elapsed();
     assert_eq!(target_cluster.port(), target_port, "restart keeps the port");
     eprintln!(
-        "target back at {outage_ended:.1?}; {written_during_outage} writing source transactions committed while it was down"
+        "target back at {outage_ended:.1?}; {written_during_outage} source transactions committed while it was down"
     );
     if let Some((after, status)) = died_during_outage {
         // Stop the writers first, so their connections are not cut by the
         // clusters going away and the failure below is the only one shown.
-        stop.store(true, Ordering::Relaxed);
-        for w in writers {
-            let _ = w.await;
-        }
+        drop(writers);
         panic!(
             "`tally run` exited ({status}) {after:.1?} into a {OUTAGE:?} target outage; it must \
              keep running while the target is unreachable (appliers retry with backoff and \
@@ -187,15 +149,11 @@ async fn target_outage_under_load_loses_nothing_and_catches_up() {
 
     // Phase 3: the target is back; load goes on a little, then stops.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_alive(&mut process.0, "after the target came back");
-    stop.store(true, Ordering::Relaxed);
-    let mut statements = 0;
-    for w in writers {
-        statements += w.await.unwrap();
-    }
+    assert_alive(&mut process, "after the target came back");
+    writers.stop().await;
     let writers_stopped = Instant::now();
     eprintln!(
-        "{statements} statements, {} of them writing, in all",
+        "{} writing source transactions in all",
         source_next_xid(&source).await - load_started_xid
     );
 
@@ -205,7 +163,7 @@ async fn target_outage_under_load_loses_nothing_and_catches_up() {
         if differences.is_empty() {
             break;
         }
-        assert_alive(&mut process.0, "while catching up");
+        assert_alive(&mut process, "while catching up");
         assert!(
             writers_stopped.elapsed() < Duration::from_secs(60),
             "views did not converge within 60 s of the writers stopping; {} differences, first: {:#?}",
@@ -219,7 +177,7 @@ async fn target_outage_under_load_loses_nothing_and_catches_up() {
         writers_stopped.elapsed()
     );
 
-    let status = terminate(&mut process.0);
+    let status = terminate(&mut process);
     let samples = rss.finish();
     assert!(status.success(), "`tally run` exits 0 on SIGTERM: {status}");
     let dead: i64 = env

@@ -1,10 +1,17 @@
 //! Shared test harness: a private Postgres cluster with a source and a
-//! target database, config and views files, and Debezium event builders.
+//! target database, config and views files, Debezium event builders,
+//! running `tally` processes, random writers and the `orders` fixture of the
+//! pipeline tests.
 #![allow(dead_code)]
 
+use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
+use std::process::{Child, ExitStatus};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tally::apply::runner::apply_lines;
 use tally::apply::{ApplyStats, Model};
@@ -62,6 +69,44 @@ impl TestEnv {
         Config::load(&self.config_path()).unwrap()
     }
 
+    /// Points the config at a NATS server: `tally capture` without
+    /// `--output` publishes there and `tally apply` without `--input`
+    /// consumes from there.
+    pub fn use_nats(&self, url: &str) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.config_path())
+            .unwrap();
+        // A killed applier's unacknowledged events go to another after
+        // ack_wait: short, so tests converge quickly.
+        write!(
+            file,
+            "[transport]\nkind = \"nats\"\nurl = \"{url}\"\nack_wait_seconds = 3\n"
+        )
+        .unwrap();
+    }
+
+    /// Runs `tally bootstrap` into `boot.jsonl` in the test's directory (the
+    /// rows that exist now, as `r` events) and returns that file.
+    pub fn bootstrap(&self) -> PathBuf {
+        let boot = self.dir.path().join("boot.jsonl");
+        let state = self.dir.path().join("boot.state");
+        let status = tally_command(&[
+            "bootstrap",
+            "--config",
+            self.config_path().to_str().unwrap(),
+            "--output",
+            boot.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+        assert!(status.success(), "bootstrap: {status}");
+        boot
+    }
+
     pub async fn source(&self) -> Client {
         tally::db::connect(&self.source_url).await.unwrap()
     }
@@ -106,6 +151,36 @@ impl TestEnv {
         verify_views(&self.source().await, &self.target().await, model)
             .await
             .expect("verify runs")
+    }
+
+    /// Waits until every view equals its SELECT on the source, as a running
+    /// pipeline catches up on its own; fails with the first differences
+    /// after `limit`.
+    pub async fn wait_until_converged(&self, model: &Model, limit: Duration) {
+        let started = Instant::now();
+        loop {
+            let differences = self.verify(model).await;
+            if differences.is_empty() {
+                return;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "no convergence in {limit:?}; {} differences, the first: {:#?}",
+                differences.len(),
+                &differences[..differences.len().min(5)]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Rows in `tally.dead_letters`.
+    pub async fn dead_letters(&self) -> i64 {
+        self.target()
+            .await
+            .query_one("SELECT count(*) FROM tally.dead_letters", &[])
+            .await
+            .unwrap()
+            .get(0)
     }
 
     /// One value of a view, read with plain SQL as a user would.
@@ -182,6 +257,159 @@ pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap()
 }
+
+/// A `tally` process that is killed if it still runs when this is dropped,
+/// so that a failing test does not leave its pipeline running behind it.
+pub struct Spawned(pub Child);
+
+impl Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts `tally ARGS` (see [`tally_command`]).
+pub fn spawn_tally(args: &[&str]) -> Spawned {
+    Spawned(tally_command(args).spawn().unwrap())
+}
+
+/// Waits for `child` to exit; kills it and fails if that takes over `limit`.
+pub fn wait_for(child: &mut Child, limit: Duration) -> ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not finish in {limit:?}; killed it");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What [`Writers`] do to one table, as single-statement transactions
+/// chosen at random: insert a new row, change a row's measure and move it
+/// to another group, move it in or out of the views' `WHERE`, delete it.
+#[derive(Debug, Clone, Copy)]
+pub struct RandomWrites {
+    /// `$1`: the new row's id (bigint); `$2`: its group (integer).
+    pub insert: &'static str,
+    /// `$1`: the id (bigint).
+    pub update: &'static str,
+    /// `$1`: the id (bigint).
+    pub toggle: &'static str,
+    /// `$1`: the id (bigint).
+    pub delete: &'static str,
+    /// Updates and deletes pick ids in `1..existing_ids`.
+    pub existing_ids: i64,
+    /// Inserts pick groups in `0..groups`.
+    pub groups: i32,
+    /// Writer `seed` inserts ids from `first_new_id + seed * 1_000_000 + 1`,
+    /// so writers never collide.
+    pub first_new_id: i64,
+}
+
+/// Concurrent writers on the source, each with its own connection and seed.
+pub struct Writers {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// Starts `count` writers (seeds `0..count`) doing `writes` until
+    /// [`stop`](Self::stop).
+    pub fn start(url: &str, writes: RandomWrites, count: u64) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..count)
+            .map(|seed| tokio::spawn(random_writer(url.to_string(), writes, seed, stop.clone())))
+            .collect();
+        Writers { stop, tasks }
+    }
+
+    /// Stops the writers and waits for them (a writer's failure fails the test).
+    pub async fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in std::mem::take(&mut self.tasks) {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Writers {
+    /// A test that fails while writers run stops them, so that they do not
+    /// report errors of their own while the cluster goes away.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn random_writer(url: String, writes: RandomWrites, seed: u64, stop: Arc<AtomicBool>) {
+    let client = tally::db::connect(&url).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut next_id = writes.first_new_id + seed as i64 * 1_000_000;
+    while !stop.load(Ordering::Relaxed) {
+        let id: i64 = rng.random_range(1..writes.existing_ids);
+        let (sql, result) = match rng.random_range(0..4) {
+            0 => {
+                next_id += 1;
+                let group = rng.random_range(0..writes.groups);
+                let sql = writes.insert;
+                (sql, client.execute(sql, &[&next_id, &group]).await)
+            }
+            1 => (writes.update, client.execute(writes.update, &[&id]).await),
+            2 => (writes.toggle, client.execute(writes.toggle, &[&id]).await),
+            _ => (writes.delete, client.execute(writes.delete, &[&id]).await),
+        };
+        if let Err(error) = result {
+            if stop.load(Ordering::Relaxed) {
+                return; // The test is over (failed); the cluster is going away.
+            }
+            let reason = error
+                .as_db_error()
+                .map_or_else(|| error.to_string(), ToString::to_string);
+            panic!("writer {seed}: {sql}: {reason}");
+        }
+    }
+}
+
+/// The `orders` fixture of the pipeline tests (`tally run`, NATS): 2,000
+/// orders of 50 customers, a view with SUM, COUNT and AVG under a WHERE.
+pub const ORDERS_SCHEMA: &str = "
+CREATE TABLE orders (id bigint PRIMARY KEY, customer integer NOT NULL, total numeric(12,2), cancelled boolean NOT NULL DEFAULT false);
+INSERT INTO orders SELECT g, g % 50, g % 300, false FROM generate_series(1, 2000) g;";
+
+pub const ORDERS_VIEWS: &str = "
+CREATE MATERIALIZED VIEW customer_orders AS
+SELECT customer, SUM(total) AS total, COUNT(*) AS orders, AVG(total) AS average
+FROM orders WHERE NOT cancelled GROUP BY customer;";
+
+pub const ORDERS_WRITES: RandomWrites = RandomWrites {
+    insert: "INSERT INTO orders VALUES ($1, $2, 9.99)",
+    update: "UPDATE orders SET total = total + 1, customer = (customer + 1) % 50 WHERE id = $1",
+    toggle: "UPDATE orders SET cancelled = NOT cancelled WHERE id = $1",
+    delete: "DELETE FROM orders WHERE id = $1",
+    existing_ids: 2000,
+    groups: 50,
+    first_new_id: 10_000,
+};
 
 /// Waits until `active` replication connections use slots on the source.
 pub async fn wait_for_active_slots(source: &Client, active: i64) {
@@ -279,62 +507,6 @@ impl TestEnv {
             .expect("source schema");
         (env, target_cluster)
     }
-}
-
-/// The shape of a random write load on one table with an integer group
-/// column: an insert of a new row, or one of three statements on an
-/// existing row, each with probability 1/4.
-pub struct RandomWrites {
-    /// `INSERT` with `$1` the new row's id (bigint), `$2` its group (int).
-    pub insert: &'static str,
-    /// Three statements on the row with id `$1` (bigint): updates and a
-    /// delete.
-    pub others: [&'static str; 3],
-    /// Existing rows have ids in `1..rows`.
-    pub rows: i64,
-    /// Groups are `0..groups`.
-    pub groups: i32,
-    /// New rows get ids from `first_new_id + seed * 1_000_000` up, so
-    /// writers with different seeds never collide.
-    pub first_new_id: i64,
-}
-
-/// Writes `load` on one connection until `stop`; returns the number of
-/// transactions (each statement autocommits). The same `seed` gives the
-/// same sequence of statements.
-pub async fn random_writer(
-    url: String,
-    seed: u64,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    load: &'static RandomWrites,
-) -> u64 {
-    use rand::{Rng, SeedableRng};
-    let client = tally::db::connect(&url).await.unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut next_id = load.first_new_id + seed as i64 * 1_000_000;
-    let mut transactions = 0;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let id: i64 = rng.random_range(1..load.rows);
-        // i32, as the writers this replaced drew it: same seed, same load.
-        match rng.random_range(0..4i32) {
-            0 => {
-                next_id += 1;
-                let group = rng.random_range(0..load.groups);
-                client
-                    .execute(load.insert, &[&next_id, &group])
-                    .await
-                    .unwrap();
-            }
-            other => {
-                client
-                    .execute(load.others[other as usize - 1], &[&id])
-                    .await
-                    .unwrap();
-            }
-        }
-        transactions += 1;
-    }
-    transactions
 }
 
 /// Samples a process's resident set size (`VmRSS`) every `every` on a
