@@ -26,9 +26,12 @@ CREATE MATERIALIZED VIEW all_orders AS SELECT COUNT(*) AS n, SUM(total) AS total
 /// The orders load, but a delete of an already deleted row re-creates it,
 /// keeping the number of live rows steady (a plain `DELETE` would leave the
 /// updates of a longer run hitting mostly deleted ids, writing nothing).
+/// Two writers may re-create the same id at once (both see it gone): hence
+/// `ON CONFLICT`, without which one of them fails on the primary key.
 const LOAD: RandomWrites = RandomWrites {
     delete: "WITH gone AS (DELETE FROM orders WHERE id = $1 RETURNING id)
-             INSERT INTO orders SELECT $1, ($1 % 50)::int, 5.00 WHERE NOT EXISTS (SELECT 1 FROM gone)",
+             INSERT INTO orders SELECT $1, ($1 % 50)::int, 5.00 WHERE NOT EXISTS (SELECT 1 FROM gone)
+             ON CONFLICT (id) DO NOTHING",
     ..ORDERS_WRITES
 };
 
@@ -94,9 +97,9 @@ async fn target_outage_under_load_loses_nothing_and_catches_up() {
     env.apply(&model, &snapshot, 2, 1000).await;
 
     let source = env.source().await;
-    let mut process = tally_command(&["run", "--config", config, "--parallel", "2"])
-        .spawn()
-        .unwrap();
+    // Killed if the test fails half-way, so it does not outlive the test
+    // retrying against clusters that are gone.
+    let mut process = spawn_tally(&["run", "--config", config, "--parallel", "2"]);
     let run_started = Instant::now();
     let rss = RssSampler::start(process.id(), Duration::from_millis(100));
     wait_for_active_slots(&source, 1).await;
