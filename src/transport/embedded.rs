@@ -219,11 +219,12 @@ impl Settle for EmbeddedSettle {
 }
 
 impl Subscription for EmbeddedSubscription {
-    /// Takes what is ready, then waits up to `linger` for more.
+    /// Takes what is ready, without lingering: capture already hands over
+    /// batches as big as the appliers' pace allows.
     async fn next_batch(
         &mut self,
         max: usize,
-        linger: Duration,
+        _linger: Duration,
     ) -> Result<Option<Vec<Delivery>>, TransportError> {
         let shared = &self.shared;
         let mut inbox = shared.inbox.lock().await;
@@ -245,17 +246,6 @@ impl Subscription for EmbeddedSubscription {
                 }
             }
             if !out.is_empty() {
-                // Under load, waiting briefly for more makes fewer, larger
-                // target transactions (less CPU and fewer commit flushes
-                // per event); when idle it costs at most `linger`.
-                let deadline = tokio::time::Instant::now() + linger;
-                while out.len() < max && !inbox.closed {
-                    match tokio::time::timeout_at(deadline, inbox.batches.recv()).await {
-                        Ok(Some(batch)) => self.take_batch(batch, &mut out),
-                        Ok(None) => inbox.closed = true,
-                        Err(_) => break,
-                    }
-                }
                 return Ok(Some(out));
             }
             if inbox.closed && shared.outstanding.load(Ordering::SeqCst) == 0 {
