@@ -45,6 +45,17 @@ async fn refused_deliveries_come_back_and_worn_ones_are_dead_lettered() {
         ))
         .await
         .unwrap();
+    publisher.flush().await.unwrap();
+    // An applier that gave up on the first event twice (as after two
+    // target failures): it is then on its third delivery.
+    for _ in 0..2 {
+        let batch = queue.next_batch(10, Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(batch.len(), 1);
+        for delivery in batch {
+            delivery.nak(Duration::ZERO).await.unwrap();
+        }
+    }
+    // Its neighbour arrives fresh.
     publisher
         .publish(captured(
             create(
@@ -57,14 +68,6 @@ async fn refused_deliveries_come_back_and_worn_ones_are_dead_lettered() {
         .await
         .unwrap();
     publisher.flush().await.unwrap();
-    // An applier that gave up on the first event twice (as after two
-    // target failures): it is then on its third delivery.
-    for _ in 0..2 {
-        let batch = queue.next_batch(1, Duration::ZERO).await.unwrap().unwrap();
-        for delivery in batch {
-            delivery.nak(Duration::ZERO).await.unwrap();
-        }
-    }
     let durable = tokio::spawn(async move {
         publisher.make_durable().await.unwrap();
         // Dropping the publisher closes the queue: consume returns.
