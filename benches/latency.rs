@@ -18,6 +18,7 @@
 //! | `TALLY_BENCH_PARALLEL` | 2 | appliers (`--parallel`) |
 //! | `TALLY_BENCH_CLUSTERS` | 2 | 2: source and target in clusters of their own; 1: one cluster for both |
 //! | `TALLY_BENCH_FSYNC` | 1 | `fsync` (and `synchronous_commit`) on both clusters; 0 turns it off |
+//! | `TALLY_BENCH_SAMPLE_SECONDS` | 0 | when > 0, a timeline per run: for each interval of this many seconds, the achieved rate, p50/p99 latency, the tally processes' resident memory and the slot's lag in bytes (`scripts/soak` uses it) |
 //!
 //! How a transaction is matched to the target write that reflects it,
 //! exactly, whatever order the parallel appliers commit their batches in:
@@ -121,6 +122,8 @@ struct Settings {
     parallel: usize,
     clusters: usize,
     fsync: bool,
+    /// 0: no timeline; else the width of the timeline's intervals.
+    sample_seconds: f64,
 }
 
 fn env_text(name: &str) -> Option<String> {
@@ -171,6 +174,7 @@ impl Settings {
             parallel: env_number("TALLY_BENCH_PARALLEL", 2)?,
             clusters: env_number("TALLY_BENCH_CLUSTERS", 2)?,
             fsync: env_number::<u8>("TALLY_BENCH_FSYNC", 1)? != 0,
+            sample_seconds: env_number("TALLY_BENCH_SAMPLE_SECONDS", 0.0)?,
         };
         ensure!(settings.seconds > 0.0, "TALLY_BENCH_SECONDS must be > 0");
         ensure!(settings.writers > 0, "TALLY_BENCH_WRITERS must be > 0");
@@ -206,11 +210,12 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
-fn vm_hwm_mib(pid: u32) -> Option<f64> {
+/// A memory field of `/proc/PID/status` (`VmHWM:`, `VmRSS:`) in MiB.
+fn proc_status_mib(pid: u32, field: &str) -> Option<f64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .split_whitespace()
         .next()?
         .parse::<f64>()
@@ -401,6 +406,26 @@ struct RunResult {
     catch_up: Duration,
     load_before: String,
     load_after: String,
+    timeline: Vec<TimelineRow>,
+}
+
+/// What the sampler saw at one instant of the load.
+struct Sample {
+    at_us: i64,
+    /// `VmRSS` of each tally process, MiB.
+    rss: Vec<(&'static str, f64)>,
+    /// `pg_current_wal_lsn() - confirmed_flush_lsn` of the slot.
+    slot_lag_bytes: i64,
+}
+
+/// One interval of a run's timeline.
+struct TimelineRow {
+    /// End of the interval, seconds since the load began.
+    at: f64,
+    rate: f64,
+    latency: Summary,
+    rss: Vec<(&'static str, f64)>,
+    slot_lag_bytes: i64,
 }
 
 async fn run_one(
@@ -478,13 +503,13 @@ async fn run_one(
     let mut peak_rss = Vec::new();
     let mut exits = Vec::new();
     for (name, child) in children.iter_mut() {
-        if let Some(mib) = vm_hwm_mib(child.id()) {
+        if let Some(mib) = proc_status_mib(child.id(), "VmHWM:") {
             peak_rss.push((*name, mib));
         }
         exits.push((*name, terminate(child)?));
     }
     // (The NATS server, if any, stops when `nats` goes out of scope.)
-    let (marks, txs, catch_up) = result?;
+    let (marks, txs, catch_up, samples) = result?;
     for (name, status) in exits {
         ensure!(
             status.success(),
@@ -561,12 +586,14 @@ async fn run_one(
     let mut commit_to_commit = Vec::new();
     let mut returned_to_commit = Vec::new();
     let mut commit_to_trigger = Vec::new();
+    let mut latency_by_xid = HashMap::with_capacity(txs.len());
     for tx in &txs {
         let source_commit = *committed
             .get(&tx.xid)
             .ok_or_else(|| anyhow!("no commit timestamp for xid {}", tx.xid))?;
         let target_commit = when(&by_commit, tx)?;
         let trigger = when(&by_trigger, tx)?;
+        latency_by_xid.insert(tx.xid, target_commit - source_commit);
         if tx.returned_us < window_start || tx.returned_us >= window_end {
             continue;
         }
@@ -575,6 +602,8 @@ async fn run_one(
         commit_to_trigger.push(trigger - source_commit);
     }
     let measured = commit_to_commit.len();
+    let first_us = txs.iter().map(|t| t.returned_us).min().unwrap_or(0);
+    let timeline = timeline(&txs, &latency_by_xid, &samples, first_us);
     Ok(RunResult {
         transport,
         rate,
@@ -588,6 +617,7 @@ async fn run_one(
         catch_up,
         load_before,
         load_after: load_average(),
+        timeline,
     })
 }
 
@@ -617,7 +647,7 @@ async fn drive(
     rate: f64,
     slot: &str,
     children: &mut [(&str, Child)],
-) -> Result<(Vec<Mark>, Vec<Tx>, Duration)> {
+) -> Result<(Vec<Mark>, Vec<Tx>, Duration, Vec<Sample>)> {
     let groups = settings.groups;
     wait_until("slot active", Duration::from_secs(60), || async {
         Ok(source
@@ -667,10 +697,27 @@ async fn drive(
             ))
         })
         .collect();
+    let sampler = (settings.sample_seconds > 0.0).then(|| {
+        let pids: Vec<(&'static str, u32)> = children
+            .iter()
+            .map(|(name, child)| (process_label(name), child.id()))
+            .collect();
+        tokio::spawn(sample(
+            source_url.to_string(),
+            slot.to_string(),
+            pids,
+            Duration::from_secs_f64(settings.sample_seconds),
+            end,
+        ))
+    });
     let mut txs = Vec::new();
     for w in writers {
         txs.extend(w.await??);
     }
+    let samples = match sampler {
+        Some(task) => task.await??,
+        None => Vec::new(),
+    };
     let written_at = Instant::now();
     ensure_running(children, "during the load")?;
     let expected = txs.len() as i64;
@@ -715,7 +762,84 @@ async fn drive(
             committed_us: r.get(3),
         })
         .collect();
-    Ok((marks, txs, catch_up))
+    Ok((marks, txs, catch_up, samples))
+}
+
+/// The tally process names as `'static` labels for the timeline.
+fn process_label(name: &str) -> &'static str {
+    match name {
+        "run" => "run",
+        "capture" => "capture",
+        _ => "apply",
+    }
+}
+
+/// Every `every` until `end`: the tally processes' memory and the slot's
+/// lag, on a connection of its own.
+async fn sample(
+    source_url: String,
+    slot: String,
+    pids: Vec<(&'static str, u32)>,
+    every: Duration,
+    end: tokio::time::Instant,
+) -> Result<Vec<Sample>> {
+    let source = tally::db::connect(&source_url).await?;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut samples = Vec::new();
+    loop {
+        if ticker.tick().await > end {
+            return Ok(samples);
+        }
+        let lag: Option<i64> = source
+            .query_one(
+                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .get(0);
+        samples.push(Sample {
+            at_us: now_us(),
+            rss: pids
+                .iter()
+                .filter_map(|(name, pid)| Some((*name, proc_status_mib(*pid, "VmRSS:")?)))
+                .collect(),
+            slot_lag_bytes: lag.unwrap_or(0),
+        });
+    }
+}
+
+/// Cuts the load into intervals ending at the samples: per interval the
+/// rate of returned commits, their latency, and what the sample saw.
+fn timeline(
+    txs: &[Tx],
+    latencies: &HashMap<i64, i64>,
+    samples: &[Sample],
+    first_us: i64,
+) -> Vec<TimelineRow> {
+    let mut rows = Vec::new();
+    let mut from = first_us;
+    for sample in samples {
+        let to = sample.at_us;
+        if to <= from {
+            continue;
+        }
+        let inside: Vec<i64> = txs
+            .iter()
+            .filter(|t| t.returned_us >= from && t.returned_us < to)
+            .filter_map(|t| latencies.get(&t.xid).copied())
+            .collect();
+        rows.push(TimelineRow {
+            at: (to - first_us) as f64 / 1e6,
+            rate: inside.len() as f64 / ((to - from) as f64 / 1e6),
+            latency: summarize(inside),
+            rss: sample.rss.clone(),
+            slot_lag_bytes: sample.slot_lag_bytes,
+        });
+        from = to;
+    }
+    rows
 }
 
 // ---------------------------------------------------------------- main
@@ -875,6 +999,37 @@ fn report(settings: &Settings, version: &str, results: &[RunResult], skipped: &[
             r.load_before,
             r.load_after
         );
+    }
+    for r in results.iter().filter(|r| !r.timeline.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nTimeline, {} at {:.0} tx/s (each row: the interval ending then; RSS at its end):\n",
+            r.transport.name(),
+            r.rate
+        );
+        let _ = writeln!(
+            out,
+            "| s | tx/s | p50 ms | p99 ms | max ms | RSS MiB | slot lag bytes |"
+        );
+        let _ = writeln!(out, "|--:|--:|--:|--:|--:|---|--:|");
+        for row in &r.timeline {
+            let rss = row
+                .rss
+                .iter()
+                .map(|(name, mib)| format!("{name} {mib:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                out,
+                "| {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {rss} | {} |",
+                row.at,
+                row.rate,
+                row.latency.p50,
+                row.latency.p99,
+                row.latency.max,
+                row.slot_lag_bytes
+            );
+        }
     }
     for line in skipped {
         let _ = writeln!(out, "\nSkipped: {line}");
