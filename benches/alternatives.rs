@@ -1,0 +1,806 @@
+//! Tally against the alternatives a team would otherwise pick, on the same
+//! PostgreSQL in the same run:
+//!
+//! * **read side**: reading a view row against computing the aggregate with
+//!   `SELECT SUM(…)` over the source table (per customer and global, with
+//!   and without an index on the group column);
+//! * **source overhead**: source transactions per second with no
+//!   aggregation, with the aggregate kept by a PL/pgSQL trigger in the same
+//!   transaction, and with Tally capturing and applying (`tally run`);
+//! * **bootstrap**: rows per second of `tally bootstrap` (and of the apply
+//!   of its output, which builds the views);
+//! * **memory**: peak RSS of `tally run` while it streams a run of changes.
+//!
+//! ```sh
+//! cargo bench --bench alternatives                         # 10,000,000 rows, 1,000,000-change memory run
+//! TALLY_BENCH_ROWS=1000000 TALLY_BENCH_CHANGES=100000 cargo bench --bench alternatives
+//! ```
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `TALLY_BENCH_ROWS` | 10,000,000 | `invoices` rows for the read side and bootstrap |
+//! | `TALLY_BENCH_CUSTOMERS` | 1,000 | groups of the per-customer view |
+//! | `TALLY_BENCH_CHANGES` | 1,000,000 | changes streamed through `tally run` in the memory run |
+//! | `TALLY_BENCH_OVERHEAD_SECONDS` | 15 | length of each source-overhead run |
+//! | `TALLY_BENCH_OVERHEAD_WRITERS` | 8 | closed-loop writer connections in the source-overhead runs |
+//! | `TALLY_BENCH_JSON` | unset | also write the results as JSON to this file (the plots read it) |
+//!
+//! The Markdown report goes to stdout, progress to stderr. Every Tally run
+//! ends with its views checked against their `SELECT` on the source.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde_json::json;
+use tally::apply::Model;
+use tally::ops::verify::verify_views;
+use tally::pgcluster::{ClusterOptions, PgCluster};
+use tokio_postgres::Client;
+
+const INVOICES: &str = "
+CREATE TABLE invoices (
+    id          bigint PRIMARY KEY,
+    customer_id integer NOT NULL,
+    total       numeric(12,2) NOT NULL
+)";
+
+const INVOICE_VIEWS: &str = "
+CREATE MATERIALIZED VIEW invoice_total AS
+SELECT SUM(total) AS total, COUNT(*) AS invoices FROM invoices;
+
+CREATE MATERIALIZED VIEW customer_totals AS
+SELECT customer_id, SUM(total) AS total, COUNT(*) AS invoices
+FROM invoices GROUP BY customer_id;";
+
+/// The source-overhead table: one row per account, updated by the writers.
+const ACCOUNTS: &str = "
+CREATE TABLE accounts (id bigint PRIMARY KEY, customer_id integer NOT NULL, balance numeric(14,2) NOT NULL);
+INSERT INTO accounts SELECT g, g % 100, 0 FROM generate_series(1, 10000) g;";
+
+const ACCOUNT_VIEWS: &str = "
+CREATE MATERIALIZED VIEW customer_balance AS
+SELECT customer_id, SUM(balance) AS balance, COUNT(*) AS accounts
+FROM accounts GROUP BY customer_id;";
+
+/// The synchronous alternative: the same aggregate, kept in the writing
+/// transaction by a row trigger (the classic approach Tally replaces).
+const TRIGGER: &str = "
+CREATE TABLE customer_balance_sync (customer_id integer PRIMARY KEY, balance numeric(14,2) NOT NULL, accounts bigint NOT NULL);
+INSERT INTO customer_balance_sync SELECT customer_id, SUM(balance), COUNT(*) FROM accounts GROUP BY customer_id;
+CREATE FUNCTION keep_customer_balance() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE customer_balance_sync SET balance = balance - OLD.balance, accounts = accounts - 1
+        WHERE customer_id = OLD.customer_id;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO customer_balance_sync VALUES (NEW.customer_id, NEW.balance, 1)
+        ON CONFLICT (customer_id) DO UPDATE
+        SET balance = customer_balance_sync.balance + EXCLUDED.balance,
+            accounts = customer_balance_sync.accounts + 1;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER keep_customer_balance AFTER INSERT OR UPDATE OR DELETE ON accounts
+FOR EACH ROW EXECUTE FUNCTION keep_customer_balance();";
+
+const WRITE: &str = "UPDATE accounts SET balance = balance + 1 WHERE id = $1";
+
+struct Settings {
+    rows: i64,
+    customers: i64,
+    changes: i64,
+    overhead_seconds: f64,
+    overhead_writers: usize,
+    json: Option<String>,
+}
+
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
+        None => Ok(default),
+        Some(text) => text
+            .replace('_', "")
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("{name}: {text:?} is not a number")),
+    }
+}
+
+impl Settings {
+    fn load() -> Result<Settings> {
+        let settings = Settings {
+            rows: env_number("TALLY_BENCH_ROWS", 10_000_000)?,
+            customers: env_number("TALLY_BENCH_CUSTOMERS", 1_000)?,
+            changes: env_number("TALLY_BENCH_CHANGES", 1_000_000)?,
+            overhead_seconds: env_number("TALLY_BENCH_OVERHEAD_SECONDS", 15.0)?,
+            overhead_writers: env_number("TALLY_BENCH_OVERHEAD_WRITERS", 8)?,
+            json: std::env::var("TALLY_BENCH_JSON").ok(),
+        };
+        ensure!(settings.rows > 0, "TALLY_BENCH_ROWS must be > 0");
+        ensure!(settings.customers > 0, "TALLY_BENCH_CUSTOMERS must be > 0");
+        ensure!(settings.changes > 0, "TALLY_BENCH_CHANGES must be > 0");
+        ensure!(
+            settings.overhead_writers > 0,
+            "TALLY_BENCH_OVERHEAD_WRITERS must be > 0"
+        );
+        Ok(settings)
+    }
+}
+
+fn start_cluster() -> Result<PgCluster> {
+    Ok(PgCluster::start_with(ClusterOptions {
+        fsync: true,
+        extra_settings: vec![
+            ("max_connections".into(), "100".into()),
+            ("shared_buffers".into(), "512MB".into()),
+            ("max_wal_size".into(), "4GB".into()),
+        ],
+        ..ClusterOptions::default()
+    })?)
+}
+
+fn tally(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
+        .args(args)
+        .env("TALLY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    command
+}
+
+fn run_tally(args: &[&str]) -> Result<()> {
+    let status = tokio::task::block_in_place(|| tally(args).status())?;
+    ensure!(status.success(), "tally {}: {status}", args.join(" "));
+    Ok(())
+}
+
+fn terminate(child: &mut Child) -> Result<()> {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::block_in_place(|| child.wait())?;
+    ensure!(status.success(), "tally exited {status} on SIGTERM");
+    Ok(())
+}
+
+fn proc_status_mib(pid: u32, field: &str) -> Option<f64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse::<f64>()
+        .ok()
+        .map(|kib| kib / 1024.0)
+}
+
+/// A fresh pair of databases with a config and views file for Tally.
+struct Pair {
+    source_url: String,
+    target_url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Pair {
+    async fn new(cluster: &PgCluster, name: &str, schema: &str, views: &str) -> Result<Pair> {
+        let source_url = cluster.create_database(&format!("{name}_source"))?;
+        let target_url = cluster.create_database(&format!("{name}_target"))?;
+        tally::db::connect(&source_url)
+            .await?
+            .batch_execute(schema)
+            .await?;
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("views.sql"), views)?;
+        std::fs::write(
+            dir.path().join("tally.toml"),
+            format!(
+                "views = \"views.sql\"\n[source]\nurl = \"{source_url}\"\n[target]\nurl = \"{target_url}\"\n[capture]\nslot = \"{name}\"\n"
+            ),
+        )?;
+        Ok(Pair {
+            source_url,
+            target_url,
+            dir,
+        })
+    }
+
+    fn config(&self) -> String {
+        self.dir.path().join("tally.toml").display().to_string()
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    async fn model(&self, source: &Client) -> Result<Model> {
+        let views = tally::views::load_views(Path::new(&self.path("views.sql")))?;
+        Ok(Model::load(source, views).await?)
+    }
+
+    /// The views equal their SELECT on the source.
+    async fn check(&self) -> Result<()> {
+        let source = tally::db::connect(&self.source_url).await?;
+        let target = tally::db::connect(&self.target_url).await?;
+        let model = self.model(&source).await?;
+        let differences = verify_views(&source, &target, &model).await?;
+        ensure!(
+            differences.is_empty(),
+            "views differ from their SELECT: {:?}",
+            &differences[..differences.len().min(3)]
+        );
+        Ok(())
+    }
+
+    async fn drop_slot(&self, slot: &str) -> Result<()> {
+        let source = tally::db::connect(&self.source_url).await?;
+        wait_until(Duration::from_secs(30), || async {
+            Ok(source
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&slot],
+                )
+                .await?
+                .is_none())
+        })
+        .await?;
+        source
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+async fn wait_until<F, Fut>(limit: Duration, mut done: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let started = Instant::now();
+    while !done().await? {
+        if started.elapsed() > limit {
+            bail!("not done after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------ read side
+
+#[derive(Clone, Copy, Default)]
+struct Timing {
+    /// Median and mean of the timed executions, milliseconds.
+    p50: f64,
+    mean: f64,
+    runs: usize,
+}
+
+/// Times `runs` executions of `sql` with a parameter from `param(i)`.
+async fn time_query(
+    client: &Client,
+    sql: &str,
+    runs: usize,
+    param: impl Fn(usize) -> Option<i32>,
+) -> Result<Timing> {
+    let statement = client.prepare(sql).await?;
+    // One untimed execution warms the cache and the plan.
+    run_query(client, &statement, param(0)).await?;
+    let mut ms = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let began = Instant::now();
+        run_query(client, &statement, param(i + 1)).await?;
+        ms.push(began.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(Timing {
+        p50: ms[ms.len() / 2],
+        mean: ms.iter().sum::<f64>() / ms.len() as f64,
+        runs,
+    })
+}
+
+async fn run_query(
+    client: &Client,
+    statement: &tokio_postgres::Statement,
+    param: Option<i32>,
+) -> Result<()> {
+    match param {
+        Some(p) => client.query(statement, &[&p]).await?,
+        None => client.query(statement, &[]).await?,
+    };
+    Ok(())
+}
+
+struct ReadSide {
+    rows: i64,
+    /// (what, timing) in report order; the first two are the view row
+    /// reads (per customer, global) that the others compare against.
+    timings: Vec<(&'static str, Timing)>,
+}
+
+struct Bootstrap {
+    rows: i64,
+    seconds: f64,
+    apply_seconds: f64,
+}
+
+/// Loads `rows` invoices, bootstraps them through Tally (timed), applies the
+/// bootstrap (timed; it builds the views), then times the reads.
+async fn read_side_and_bootstrap(
+    cluster: &PgCluster,
+    settings: &Settings,
+) -> Result<(ReadSide, Bootstrap)> {
+    let pair = Pair::new(cluster, "reads", INVOICES, INVOICE_VIEWS).await?;
+    let source = tally::db::connect(&pair.source_url).await?;
+    eprintln!("read side: loading {} invoices…", settings.rows);
+    let began = Instant::now();
+    source
+        .execute(
+            "INSERT INTO invoices
+             SELECT g, (g * 7919 % $2::bigint)::int, ((g * 31) % 100000) / 100.0
+             FROM generate_series(1, $1::bigint) g",
+            &[&settings.rows, &settings.customers],
+        )
+        .await?;
+    source.batch_execute("VACUUM ANALYZE invoices").await?;
+    eprintln!("  loaded in {:.1} s", began.elapsed().as_secs_f64());
+
+    eprintln!("bootstrap: {} rows…", settings.rows);
+    let boot = pair.path("boot.jsonl");
+    let state = pair.path("boot.state");
+    let config = pair.config();
+    let began = Instant::now();
+    run_tally(&[
+        "bootstrap",
+        "--config",
+        &config,
+        "--output",
+        &boot,
+        "--state",
+        &state,
+    ])?;
+    let bootstrap_seconds = began.elapsed().as_secs_f64();
+    eprintln!(
+        "  {:.1} s, {:.0} rows/s; applying…",
+        bootstrap_seconds,
+        settings.rows as f64 / bootstrap_seconds
+    );
+    let began = Instant::now();
+    run_tally(&[
+        "apply",
+        "--config",
+        &config,
+        "--input",
+        &boot,
+        "--parallel",
+        "2",
+    ])?;
+    let apply_seconds = began.elapsed().as_secs_f64();
+    std::fs::remove_file(&boot)?;
+    pair.check().await?;
+    pair.drop_slot("reads").await?;
+    eprintln!("  applied in {apply_seconds:.1} s; views verified");
+
+    let target = tally::db::connect(&pair.target_url).await?;
+    let customers = settings.customers as usize;
+    let customer = move |i: usize| Some((i * 7 % customers) as i32);
+    let scans = 5;
+    let lookups = 1_000;
+    let mut timings = Vec::new();
+    eprintln!("read side: timing queries…");
+    timings.push((
+        "view row, one customer (`customer_totals`)",
+        time_query(
+            &target,
+            "SELECT total FROM customer_totals WHERE customer_id = $1",
+            lookups,
+            customer,
+        )
+        .await?,
+    ));
+    timings.push((
+        "view row, global (`invoice_total`)",
+        time_query(&target, "SELECT total FROM invoice_total", lookups, |_| {
+            None
+        })
+        .await?,
+    ));
+    timings.push((
+        "`SUM` for one customer, no index",
+        time_query(
+            &source,
+            "SELECT SUM(total) FROM invoices WHERE customer_id = $1",
+            scans,
+            customer,
+        )
+        .await?,
+    ));
+    timings.push((
+        "`SUM` over all rows",
+        time_query(&source, "SELECT SUM(total) FROM invoices", scans, |_| None).await?,
+    ));
+    eprintln!("read side: indexing customer_id…");
+    source
+        .batch_execute("CREATE INDEX invoices_customer ON invoices (customer_id, total)")
+        .await?;
+    source.batch_execute("VACUUM ANALYZE invoices").await?;
+    timings.push((
+        "`SUM` for one customer, index on (customer_id, total)",
+        time_query(
+            &source,
+            "SELECT SUM(total) FROM invoices WHERE customer_id = $1",
+            50,
+            customer,
+        )
+        .await?,
+    ));
+    source.batch_execute("DROP TABLE invoices").await?;
+    Ok((
+        ReadSide {
+            rows: settings.rows,
+            timings,
+        },
+        Bootstrap {
+            rows: settings.rows,
+            seconds: bootstrap_seconds,
+            apply_seconds,
+        },
+    ))
+}
+
+// ------------------------------------------------------- source overhead
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Aggregation {
+    None,
+    Trigger,
+    Tally,
+}
+
+impl Aggregation {
+    fn name(self) -> &'static str {
+        match self {
+            Aggregation::None => "no aggregation",
+            Aggregation::Trigger => "PL/pgSQL trigger (synchronous)",
+            Aggregation::Tally => "Tally capturing and applying (`tally run`)",
+        }
+    }
+}
+
+/// Closed-loop writers for `seconds`: transactions committed per second.
+async fn write_load(url: &str, writers: usize, seconds: f64) -> Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (url, stop, done) = (url.to_string(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = tally::db::connect(&url).await?;
+            let statement = client.prepare(WRITE).await?;
+            let mut id = w as i64 * 1_237 % 10_000;
+            while !stop.load(Ordering::Relaxed) {
+                id = id * 48_271 % 10_007 % 10_000 + 1;
+                client.execute(&statement, &[&id]).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let began = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let count = done.load(Ordering::Relaxed);
+    let elapsed = began.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await??;
+    }
+    Ok(count as f64 / elapsed)
+}
+
+struct Overhead {
+    writers: usize,
+    seconds: f64,
+    /// (aggregation, tx/s)
+    rates: Vec<(Aggregation, f64)>,
+}
+
+async fn source_overhead(cluster: &PgCluster, settings: &Settings) -> Result<Overhead> {
+    let mut rates = Vec::new();
+    for (i, aggregation) in [Aggregation::None, Aggregation::Trigger, Aggregation::Tally]
+        .into_iter()
+        .enumerate()
+    {
+        eprintln!("source overhead: {}…", aggregation.name());
+        let pair = Pair::new(cluster, &format!("overhead_{i}"), ACCOUNTS, ACCOUNT_VIEWS).await?;
+        let source = tally::db::connect(&pair.source_url).await?;
+        let mut process = None;
+        match aggregation {
+            Aggregation::None => {}
+            Aggregation::Trigger => source.batch_execute(TRIGGER).await?,
+            Aggregation::Tally => {
+                // The existing accounts reach the view through bootstrap.
+                let boot = pair.path("boot.jsonl");
+                let config = pair.config();
+                run_tally(&[
+                    "bootstrap",
+                    "--config",
+                    &config,
+                    "--output",
+                    &boot,
+                    "--state",
+                    &pair.path("boot.state"),
+                ])?;
+                run_tally(&["apply", "--config", &config, "--input", &boot])?;
+                process = Some(tally(&["run", "--config", &config, "--parallel", "2"]).spawn()?);
+                wait_until(Duration::from_secs(30), || async {
+                    Ok(source
+                        .query_opt("SELECT 1 FROM pg_replication_slots WHERE active", &[])
+                        .await?
+                        .is_some())
+                })
+                .await?;
+            }
+        }
+        let rate = write_load(
+            &pair.source_url,
+            settings.overhead_writers,
+            settings.overhead_seconds,
+        )
+        .await?;
+        eprintln!("  {rate:.0} tx/s");
+        if let Some(mut process) = process {
+            // Tally must have kept up exactly: wait until caught up, check.
+            let end: String = source
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await?
+                .get(0);
+            wait_until(Duration::from_secs(120), || async {
+                Ok(source
+                    .query_one(
+                        "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                        &[&end, &format!("overhead_{i}")],
+                    )
+                    .await?
+                    .get(0))
+            })
+            .await?;
+            pair.check().await?;
+            terminate(&mut process)?;
+            pair.drop_slot(&format!("overhead_{i}")).await?;
+        }
+        if aggregation == Aggregation::Trigger {
+            let drift: i64 = source
+                .query_one(
+                    "SELECT count(*) FROM customer_balance_sync s
+                     FULL JOIN (SELECT customer_id, SUM(balance) AS balance FROM accounts GROUP BY 1) a
+                     USING (customer_id) WHERE s.balance IS DISTINCT FROM a.balance",
+                    &[],
+                )
+                .await?
+                .get(0);
+            ensure!(
+                drift == 0,
+                "the trigger's aggregate drifted on {drift} rows"
+            );
+        }
+        rates.push((aggregation, rate));
+    }
+    Ok(Overhead {
+        writers: settings.overhead_writers,
+        seconds: settings.overhead_seconds,
+        rates,
+    })
+}
+
+// ---------------------------------------------------------------- memory
+
+struct Memory {
+    changes: i64,
+    seconds: f64,
+    peak_rss_mib: f64,
+}
+
+/// `tally run` streams `changes` row changes (inserts in transactions of
+/// 1,000 rows, then an update of every row in transactions of 10,000),
+/// while its memory is read; its views are checked at the end.
+async fn memory(cluster: &PgCluster, settings: &Settings) -> Result<Memory> {
+    eprintln!("memory: {} changes through tally run…", settings.changes);
+    let pair = Pair::new(cluster, "memory", INVOICES, INVOICE_VIEWS).await?;
+    let source = tally::db::connect(&pair.source_url).await?;
+    let config = pair.config();
+    let mut process = tally(&["run", "--config", &config, "--parallel", "2"]).spawn()?;
+    wait_until(Duration::from_secs(30), || async {
+        Ok(source
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE active", &[])
+            .await?
+            .is_some())
+    })
+    .await?;
+    let began = Instant::now();
+    let inserts = settings.changes / 2;
+    let mut next = 1i64;
+    while next <= inserts {
+        let last = (next + 999).min(inserts);
+        source
+            .execute(
+                "INSERT INTO invoices SELECT g, (g % 1000)::int, 10 FROM generate_series($1::bigint, $2::bigint) g",
+                &[&next, &last],
+            )
+            .await?;
+        next = last + 1;
+    }
+    let mut next = 1i64;
+    while next <= inserts {
+        let last = (next + 9_999).min(inserts);
+        source
+            .execute(
+                "UPDATE invoices SET total = total + 1 WHERE id BETWEEN $1 AND $2",
+                &[&next, &last],
+            )
+            .await?;
+        next = last + 1;
+    }
+    let end: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    wait_until(Duration::from_secs(600), || async {
+        Ok(source
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'memory'",
+                &[&end],
+            )
+            .await?
+            .get(0))
+    })
+    .await?;
+    let seconds = began.elapsed().as_secs_f64();
+    let peak_rss_mib = proc_status_mib(process.id(), "VmHWM:").context("VmHWM of tally run")?;
+    pair.check().await?;
+    terminate(&mut process)?;
+    pair.drop_slot("memory").await?;
+    eprintln!("  {seconds:.1} s, peak RSS {peak_rss_mib:.1} MiB");
+    Ok(Memory {
+        changes: inserts * 2,
+        seconds,
+        peak_rss_mib,
+    })
+}
+
+// ---------------------------------------------------------------- report
+
+fn report(
+    version: &str,
+    reads: &ReadSide,
+    boot: &Bootstrap,
+    overhead: &Overhead,
+    memory: &Memory,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "### Read side ({} source rows)\n", reads.rows);
+    let _ = writeln!(
+        out,
+        "PostgreSQL {version}; source and target in one private cluster (fsync on, shared_buffers 512MB); each query run once untimed, then timed (p50 and mean of the timed runs); the view tables were built by `tally bootstrap` + `tally apply` and verified.\n"
+    );
+    let (customer_row, global_row) = (reads.timings[0].1.p50, reads.timings[1].1.p50);
+    let _ = writeln!(
+        out,
+        "| read | runs | p50 ms | mean ms | × its view row read (p50) |"
+    );
+    let _ = writeln!(out, "|---|--:|--:|--:|--:|");
+    for (what, t) in &reads.timings {
+        let view_row = if what.contains("all rows") || what.contains("global") {
+            global_row
+        } else {
+            customer_row
+        };
+        let _ = writeln!(
+            out,
+            "| {what} | {} | {:.3} | {:.3} | {:.0} |",
+            t.runs,
+            t.p50,
+            t.mean,
+            t.p50 / view_row
+        );
+    }
+    let _ = writeln!(out, "\n### Source overhead\n");
+    let _ = writeln!(
+        out,
+        "{} closed-loop writer connections, each transaction one `UPDATE` of one of 10,000 account rows (100 customers), {} s per configuration, all on one 2-core machine (Tally's capture and apply and its target share it); the trigger's aggregate and Tally's view were checked exact afterwards.\n",
+        overhead.writers, overhead.seconds
+    );
+    let none = overhead.rates[0].1;
+    let _ = writeln!(out, "| aggregation | tx/s | vs no aggregation |");
+    let _ = writeln!(out, "|---|--:|--:|");
+    for (aggregation, rate) in &overhead.rates {
+        let _ = writeln!(
+            out,
+            "| {} | {rate:.0} | {:.2} |",
+            aggregation.name(),
+            rate / none
+        );
+    }
+    let _ = writeln!(out, "\n### Bootstrap\n");
+    let _ = writeln!(
+        out,
+        "| rows | `tally bootstrap` s | rows/s | `tally apply --parallel 2` of its output s | events/s |"
+    );
+    let _ = writeln!(out, "|--:|--:|--:|--:|--:|");
+    let _ = writeln!(
+        out,
+        "| {} | {:.1} | {:.0} | {:.1} | {:.0} |",
+        boot.rows,
+        boot.seconds,
+        boot.rows as f64 / boot.seconds,
+        boot.apply_seconds,
+        boot.rows as f64 / boot.apply_seconds
+    );
+    let _ = writeln!(out, "\n### Memory\n");
+    let _ = writeln!(
+        out,
+        "| changes streamed through `tally run` | s until caught up | peak RSS MiB |"
+    );
+    let _ = writeln!(out, "|--:|--:|--:|");
+    let _ = writeln!(
+        out,
+        "| {} | {:.1} | {:.1} |",
+        memory.changes, memory.seconds, memory.peak_rss_mib
+    );
+    out
+}
+
+fn to_json(
+    reads: &ReadSide,
+    boot: &Bootstrap,
+    overhead: &Overhead,
+    memory: &Memory,
+) -> serde_json::Value {
+    json!({
+        "read_side": {
+            "rows": reads.rows,
+            "timings": reads.timings.iter().map(|(what, t)| json!({
+                "read": what, "p50_ms": t.p50, "mean_ms": t.mean, "runs": t.runs
+            })).collect::<Vec<_>>(),
+        },
+        "source_overhead": overhead.rates.iter().map(|(a, rate)| json!({
+            "aggregation": a.name(), "tx_per_s": rate
+        })).collect::<Vec<_>>(),
+        "bootstrap": {
+            "rows": boot.rows, "seconds": boot.seconds, "apply_seconds": boot.apply_seconds
+        },
+        "memory": {
+            "changes": memory.changes, "seconds": memory.seconds, "peak_rss_mib": memory.peak_rss_mib
+        },
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let settings = Settings::load()?;
+    let cluster = tokio::task::spawn_blocking(start_cluster).await??;
+    let version: String = tally::db::connect(&cluster.url("postgres"))
+        .await?
+        .query_one("SHOW server_version", &[])
+        .await?
+        .get(0);
+    let overhead = source_overhead(&cluster, &settings).await?;
+    let memory = memory(&cluster, &settings).await?;
+    let (reads, boot) = read_side_and_bootstrap(&cluster, &settings).await?;
+    print!("{}", report(&version, &reads, &boot, &overhead, &memory));
+    if let Some(path) = &settings.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&to_json(&reads, &boot, &overhead, &memory))?,
+        )?;
+    }
+    Ok(())
+}
