@@ -41,6 +41,7 @@
 //! | `TALLY_BENCH_CONFIGS` | `--configs` | see [`DEFAULT_CONFIGS`] |
 //! | `TALLY_BENCH_DUPLICATES` | `--duplicates` | 0 (share of events delivered twice) |
 //! | `TALLY_BENCH_SEED` | `--seed` | 20260425 |
+//! | `TALLY_BENCH_JSON` | - | unset: also write the runs as JSON to this file (for `scripts/bench`'s plots) |
 //! | `TALLY_BENCH_PROFILE=1` | `--profile` | off: per-statement server time (`pg_stat_statements`), WAL counters, client decode time, sampled `EXPLAIN ANALYZE` plans |
 //!
 //! A configuration is `STREAM:PARALLELxBATCH`, with STREAM one of
@@ -1703,5 +1704,29 @@ async fn bench(settings: Settings) -> Result<()> {
         }
     }
     println!("{out}");
+    // For the plots of `scripts/bench`: one object per run.
+    if let Ok(path) = std::env::var("TALLY_BENCH_JSON") {
+        let runs: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "label": r.label,
+                    "stream": r.stream,
+                    "events": r.events,
+                    "parallel": r.parallel,
+                    "batch": r.batch,
+                    "baseline": r.baseline,
+                    "events_per_s": r.rate(),
+                    "check": r.check,
+                })
+            })
+            .collect();
+        let document = serde_json::json!({
+            "rows": settings.rows,
+            "events": total_events,
+            "runs": runs,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&document)?)?;
+    }
     Ok(())
 }

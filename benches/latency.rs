@@ -18,6 +18,7 @@
 //! | `TALLY_BENCH_PARALLEL` | 2 | appliers (`--parallel`) |
 //! | `TALLY_BENCH_CLUSTERS` | 2 | 2: source and target in clusters of their own; 1: one cluster for both |
 //! | `TALLY_BENCH_FSYNC` | 1 | `fsync` (and `synchronous_commit`) on both clusters; 0 turns it off |
+//! | `TALLY_BENCH_JSON` | unset | also write the results as JSON to this file (for `scripts/bench`'s plots) |
 //! | `TALLY_BENCH_SAMPLE_SECONDS` | 0 | when > 0, a timeline per run: for each interval of this many seconds, the achieved rate, p50/p99 latency, the tally processes' resident memory and the slot's lag in bytes (`scripts/soak` uses it) |
 //!
 //! How a transaction is matched to the target write that reflects it,
@@ -917,7 +918,35 @@ async fn main() -> Result<()> {
         }
     }
     print!("{}", report(&settings, &version, &results, &skipped));
+    if let Some(path) = env_text("TALLY_BENCH_JSON") {
+        std::fs::write(&path, serde_json::to_string_pretty(&to_json(&results))?)?;
+    }
     Ok(())
+}
+
+/// The runs as JSON, for the plots of `scripts/bench`.
+fn to_json(results: &[RunResult]) -> serde_json::Value {
+    let three = |s: Summary| serde_json::json!({"p50_ms": s.p50, "p99_ms": s.p99, "max_ms": s.max});
+    serde_json::Value::Array(
+        results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "transport": r.transport.name(),
+                    "rate": r.rate,
+                    "achieved": r.achieved,
+                    "latency": three(r.commit_to_commit),
+                    "timeline": r.timeline.iter().map(|row| serde_json::json!({
+                        "at_s": row.at,
+                        "tx_per_s": row.rate,
+                        "latency": three(row.latency),
+                        "slot_lag_bytes": row.slot_lag_bytes,
+                        "rss_mib": row.rss.iter().map(|(_, mib)| mib).sum::<f64>(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
 }
 
 fn report(settings: &Settings, version: &str, results: &[RunResult], skipped: &[String]) -> String {
