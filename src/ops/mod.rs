@@ -1,5 +1,8 @@
-//! Operator tools: verify (and later bootstrap, replay, recalc, vacuum,
-//! status).
+//! Operator tools, one file each, all safe to run while the pipeline runs:
+//! bootstrap, replay, recalc, verify (and repair).
 
 pub mod bootstrap;
+pub mod recalc;
+pub mod replay;
+pub mod snapshot;
 pub mod verify;
