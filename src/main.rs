@@ -157,6 +157,16 @@ enum Command {
         #[arg(long, short, value_name = "FILE|-")]
         output: Option<PathBuf>,
     },
+    /// Delete ledger tombstones below the horizon no deliverable event can
+    /// be under (the slots' confirmed LSN; with NATS, only when nothing is
+    /// left unacknowledged); report how many and the horizon.
+    Vacuum {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild view tables from the ledger, one view per transaction,
     /// locking out only that view's appliers meanwhile.
     Recalc {
@@ -662,6 +672,34 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     meta.name,
                     tally::event::format_lsn(stats.consistent_point)
                 ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vacuum { config, json } => {
+            let (config, source, mut target, _model) = open(&config.config).await?;
+            let slots = tally::ops::vacuum::slots_horizon(&source).await?;
+            let unacknowledged = match config.transport.kind {
+                TransportKind::Embedded => None,
+                TransportKind::Nats => Some(
+                    NatsTransport::connect(&config.transport)
+                        .await?
+                        .pending()
+                        .await?,
+                ),
+            };
+            let horizon = tally::ops::vacuum::combine(slots, unacknowledged);
+            let report = tally::ops::vacuum::vacuum(&mut target, horizon).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                match (&report.horizon, &report.skipped) {
+                    (Some(horizon), _) => println!(
+                        "vacuum: deleted {} tombstones below horizon {horizon}; {} kept",
+                        report.deleted, report.kept
+                    ),
+                    (None, Some(reason)) => println!("vacuum: {reason}"),
+                    (None, None) => {}
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
