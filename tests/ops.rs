@@ -273,3 +273,128 @@ async fn replay_and_recalc() {
     assert_ne!(code, 0);
     assert!(stderr.contains("customer_orders"), "{stderr}");
 }
+
+async fn tombstones(env: &TestEnv, from: i64, to: i64) -> i64 {
+    env.target()
+        .await
+        .query_one(
+            "SELECT count(*) FROM tally.ledger WHERE tbl = 'public.orders' AND deleted AND pk IN (SELECT jsonb_build_array(g)::text FROM generate_series($1::bigint, $2::bigint) g)",
+            &[&from, &to],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vacuum_keeps_tombstones_late_events_need_and_reclaims_the_rest() {
+    let env = TestEnv::new(SCHEMA, ORDERS_VIEWS).await;
+    let config = env.config_path();
+    let config = config.to_str().unwrap();
+    let boot = env.bootstrap();
+    let model = env.model().await;
+    let snapshot: Vec<String> = std::fs::read_to_string(&boot)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    env.apply(&model, &snapshot, 1, 1000).await;
+    let source = env.source().await;
+
+    // Deletes of ids 1..10, captured and applied: the slot is confirmed
+    // past them, so no copy of them (or of anything older) can come again.
+    let stream = env.dir.path().join("stream.jsonl");
+    let mut capture = spawn_tally(&[
+        "capture",
+        "--config",
+        config,
+        "--output",
+        stream.to_str().unwrap(),
+    ]);
+    wait_for_active_slots(&source, 1).await;
+    source
+        .execute("DELETE FROM orders WHERE id BETWEEN 1 AND 10", &[])
+        .await
+        .unwrap();
+    wait_until_captured(&source).await;
+    assert!(terminate(&mut capture).success());
+    let captured: Vec<String> = std::fs::read_to_string(&stream)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(captured.len(), 10);
+    env.apply(&model, &captured, 1, 1000).await;
+    let confirmed: String = source
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'tally'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let confirmed_lsn = tally::event::parse_lsn_text(&confirmed).unwrap();
+
+    // Deletes of ids 11..20 past the confirmed LSN: capture has not
+    // confirmed them, so they (and older changes of those rows) are still
+    // deliverable; their tombstones must stay.
+    source
+        .execute("DELETE FROM orders WHERE id BETWEEN 11 AND 20", &[])
+        .await
+        .unwrap();
+    let late_key = confirmed_lsn + 1000;
+    let pending: Vec<String> = (11..=20)
+        .map(|id| delete("orders", serde_json::json!({ "id": id }), late_key))
+        .collect();
+    env.apply(&model, &pending, 1, 1000).await;
+    assert_eq!(tombstones(&env, 1, 10).await, 10);
+    assert_eq!(tombstones(&env, 11, 20).await, 10);
+
+    let (code, stdout, stderr) = tally_output(&["vacuum", "--config", config, "--json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["horizon"], confirmed.as_str(), "{report}");
+    assert_eq!(report["deleted"], 10, "{report}");
+    assert_eq!(tombstones(&env, 1, 10).await, 0, "reclaimed below the horizon");
+    assert_eq!(tombstones(&env, 11, 20).await, 10, "kept above the horizon");
+
+    // Late events: an old create of a reclaimed row is stale (the vacuum
+    // horizon), an old create of a kept row is stale (its tombstone).
+    let old_creates: Vec<String> = snapshot
+        .iter()
+        .filter(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let id = v["after"]["id"].as_i64().unwrap();
+            id == 5 || id == 15
+        })
+        .cloned()
+        .collect();
+    assert_eq!(old_creates.len(), 2);
+    let stats = env.apply(&model, &old_creates, 1, 1000).await;
+    assert_eq!(stats.applied, 0, "{stats}");
+    assert_eq!(stats.stale, 2, "{stats}");
+    assert_eq!(tombstones(&env, 11, 20).await, 10);
+    let live: i64 = env
+        .target()
+        .await
+        .query_one(
+            "SELECT count(*) FROM tally.ledger WHERE pk IN ('[5]', '[15]') AND NOT deleted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 0, "no row came back");
+    assert!(env.verify(&model).await.is_empty());
+
+    // The human form says what it did: the stale create of the absent row
+    // left a key-zero placeholder, reclaimed now; the ten stay.
+    let (code, stdout, _) = tally_output(&["vacuum", "--config", config]).await;
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains(&format!(
+            "vacuum: deleted 1 tombstones below horizon {confirmed}; 10 kept"
+        )),
+        "{stdout}"
+    );
+}
