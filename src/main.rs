@@ -13,7 +13,10 @@ use tally::apply::runner::apply_lines_counted;
 use tally::apply::{ApplyStats, Model};
 use tally::config::{Config, TransportKind, redact_url};
 use tally::event::TableName;
-use tally::ops::verify::{render_report, verify_views};
+use tally::ops::bootstrap::RowOp;
+use tally::ops::recalc::recalc;
+use tally::ops::replay::{DirectApply, ReplaySink, find_table, replay};
+use tally::ops::verify::{VerifyOptions, render_full, repair as repair_drift, verify_all};
 use tally::progress::{Counter, Reporter};
 use tally::transport::chaos::ChaosSubscription;
 use tally::transport::embedded::EmbeddedSubscription;
@@ -114,14 +117,64 @@ enum Command {
         #[arg(long, default_value = "tally-bootstrap.state", value_name = "FILE")]
         state: PathBuf,
     },
-    /// Compare every view table with its SELECT run on the source; print
-    /// the differences; exit 1 if there are any.
+    /// Compare the ledger with the source's rows, every view with its
+    /// ledger, and every view with its SELECT on the source; print the
+    /// differences; exit 1 if there are any. Safe while the pipeline runs.
     Verify {
         #[command(flatten)]
         config: ConfigArg,
-        /// Show at most N differing rows (totals are always complete).
+        /// Show at most N differing rows per comparison (totals are always
+        /// complete).
         #[arg(long, default_value_t = 50, value_name = "N")]
         limit: usize,
+        /// Fix the drift found (replay the rows, delete the extra ones,
+        /// rebuild the views from the ledger), then verify again.
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-send the current rows of a source table (those matching --where)
+    /// with a key that beats every change already in them and loses to
+    /// every later one: to the transport, to --output, or, with the embedded
+    /// transport, straight into the target. Safe while the pipeline runs.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The source table (`name` or `schema.name`).
+        #[arg(long, value_name = "TABLE")]
+        table: String,
+        /// Only rows matching this SQL condition, run in a READ ONLY
+        /// transaction on the source.
+        #[arg(long = "where", value_name = "SQL")]
+        filter: Option<String>,
+        /// Send the rows as this operation: c (create), u (update), d
+        /// (delete); default r (a snapshot read).
+        #[arg(long, value_name = "c|u|d")]
+        op: Option<String>,
+        /// Append events to FILE, or write them to stdout with `-`.
+        #[arg(long, short, value_name = "FILE|-")]
+        output: Option<PathBuf>,
+    },
+    /// Delete ledger tombstones below the horizon no deliverable event can
+    /// be under (the slots' confirmed LSN; with NATS, only when nothing is
+    /// left unacknowledged); report how many and the horizon.
+    Vacuum {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild view tables from the ledger, one view per transaction,
+    /// locking out only that view's appliers meanwhile.
+    Recalc {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this view.
+        #[arg(long, value_name = "NAME")]
+        view: Option<String>,
     },
 }
 
@@ -523,18 +576,145 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { config, limit } => {
-            let (_config, source, target, model) = open(&config.config).await?;
-            let differences = verify_views(&source, &target, &model).await?;
-            print!(
-                "{}",
-                render_report(&differences, model.views().count(), limit)
-            );
-            Ok(if differences.is_empty() {
-                ExitCode::SUCCESS
+        Command::Verify {
+            config,
+            limit,
+            repair,
+            json,
+        } => {
+            let (config, mut source, mut target, model) = open(&config.config).await?;
+            let options = VerifyOptions {
+                slot: config.capture.slot.clone(),
+                ..VerifyOptions::default()
+            };
+            let mut report =
+                verify_all(&mut source, &config.source_url, &mut target, &model, &options).await?;
+            let mut repaired = None;
+            if repair && report.drift {
+                if !json {
+                    print!("{}", render_full(&report, limit));
+                }
+                let mut sink = ReplaySink::Direct(Box::new(
+                    DirectApply::connect(&config.target_url, model.clone(), 1000).await?,
+                ));
+                let summary = repair_drift(&report, &mut sink, &mut target, &model).await?;
+                eprintln!(
+                    "repair: {} rows replayed, {} extra rows deleted, views rebuilt: {}; verifying again",
+                    summary.rows_replayed,
+                    summary.rows_deleted,
+                    if summary.views_recalculated.is_empty() {
+                        "none".to_string()
+                    } else {
+                        summary.views_recalculated.join(", ")
+                    }
+                );
+                repaired = Some(summary);
+                report =
+                    verify_all(&mut source, &config.source_url, &mut target, &model, &options)
+                        .await?;
+            }
+            if json {
+                let value = serde_json::json!({ "report": report, "repair": repaired });
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
+                print!("{}", render_full(&report, limit));
+            }
+            Ok(if report.drift {
                 ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
             })
+        }
+        Command::Replay {
+            config,
+            table,
+            filter,
+            op,
+            output,
+        } => {
+            let op = match op.as_deref() {
+                None | Some("r") => RowOp::Read,
+                Some("c") => RowOp::Create,
+                Some("u") => RowOp::Update,
+                Some("d") => RowOp::Delete,
+                Some(other) => anyhow::bail!(
+                    "--op {other:?}: not an operation; use c (create), u (update) or d (delete), or leave it out for r (read)"
+                ),
+            };
+            let (config, mut source, _target, model) = open(&config.config).await?;
+            let meta = find_table(&model, &table)?.clone();
+            let mut sink = match (&output, config.transport.kind) {
+                (None, TransportKind::Embedded) => ReplaySink::Direct(Box::new(
+                    DirectApply::connect(&config.target_url, model.clone(), config.apply.batch_size)
+                        .await?,
+                )),
+                _ => ReplaySink::Transport(open_publisher(&config, output).await?),
+            };
+            let stats = replay(
+                &mut source,
+                &config.source_url,
+                &meta,
+                filter.as_deref(),
+                op,
+                &mut sink,
+            )
+            .await?;
+            match sink.applied() {
+                Some(applied) => eprintln!(
+                    "replay: {} rows of {} at {} applied to the target ({applied})",
+                    stats.rows,
+                    meta.name,
+                    tally::event::format_lsn(stats.consistent_point)
+                ),
+                None => eprintln!(
+                    "replay: {} rows of {} sent at {}",
+                    stats.rows,
+                    meta.name,
+                    tally::event::format_lsn(stats.consistent_point)
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vacuum { config, json } => {
+            let (config, source, mut target, _model) = open(&config.config).await?;
+            let slots = tally::ops::vacuum::slots_horizon(&source).await?;
+            let unacknowledged = match config.transport.kind {
+                TransportKind::Embedded => None,
+                TransportKind::Nats => Some(
+                    NatsTransport::connect(&config.transport)
+                        .await?
+                        .pending()
+                        .await?,
+                ),
+            };
+            let horizon = tally::ops::vacuum::combine(slots, unacknowledged);
+            let report = tally::ops::vacuum::vacuum(&mut target, horizon).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                match (&report.horizon, &report.skipped) {
+                    (Some(horizon), _) => println!(
+                        "vacuum: deleted {} tombstones below horizon {horizon}; {} kept",
+                        report.deleted, report.kept
+                    ),
+                    (None, Some(reason)) => println!("vacuum: {reason}"),
+                    (None, None) => {}
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Recalc { config, view } => {
+            let (_config, _source, mut target, model) = open(&config.config).await?;
+            let rebuilt = recalc(&mut target, &model, view.as_deref()).await?;
+            for view in &rebuilt {
+                println!(
+                    "{}: {} rows, {} changed",
+                    view.view,
+                    view.rows,
+                    view.differences.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

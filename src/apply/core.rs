@@ -73,6 +73,26 @@ pub fn guard(stored: OrderKey, watermark: OrderKey, incoming: OrderKey) -> Verdi
     }
 }
 
+/// The watermark an incoming change is guarded by: the table's truncate
+/// watermark, and for a row the ledger does not hold (never seen, or its
+/// tombstone reclaimed by `vacuum`) also the table's vacuum horizon.
+///
+/// `vacuum` deletes tombstones only below a horizon no deliverable event is
+/// under; it raises `vacuum_horizon` to that LSN in the same transaction. An
+/// event for an absent row that still commits below the horizon can only be
+/// a stale copy of a change whose tombstone was reclaimed (e.g. an old
+/// events file applied again), so it must not resurrect the row: every
+/// change with `commit_lsn < vacuum_horizon` is stale for an absent row.
+pub fn effective_watermark(stored: &LedgerRow, truncate: OrderKey, vacuum_horizon: u64) -> OrderKey {
+    if stored.key != OrderKey::ZERO || vacuum_horizon == 0 {
+        return truncate;
+    }
+    // The greatest key with commit_lsn below the horizon: guard treats keys
+    // at or below it as stale.
+    let floor = OrderKey::new(vacuum_horizon - 1, u64::MAX);
+    truncate.max(floor)
+}
+
 /// Counters over everything apply saw. Kept as plain numbers so batches,
 /// workers and runs can be added up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -280,6 +300,25 @@ mod tests {
             key: OrderKey::new(lsn, lsn),
             image,
         }
+    }
+
+    #[test]
+    fn vacuum_horizon_guards_only_absent_rows() {
+        let k = |n| OrderKey::new(n, n);
+        let horizon = 100;
+        // An absent row: anything committed below the horizon is stale.
+        let absent = effective_watermark(&LedgerRow::ABSENT, k(0), horizon);
+        assert_eq!(guard(OrderKey::ZERO, absent, OrderKey::new(99, 500)), Verdict::Stale);
+        assert_eq!(guard(OrderKey::ZERO, absent, OrderKey::new(100, 0)), Verdict::Apply);
+        assert_eq!(guard(OrderKey::ZERO, absent, k(150)), Verdict::Apply);
+        // A truncate above the horizon still rules.
+        assert_eq!(effective_watermark(&LedgerRow::ABSENT, k(200), horizon), k(200));
+        // A row the ledger holds is guarded by its own key alone.
+        let held = LedgerRow { key: k(40), image: None };
+        assert_eq!(effective_watermark(&held, k(0), horizon), k(0));
+        assert_eq!(guard(held.key, k(0), k(50)), Verdict::Apply);
+        // No vacuum yet: nothing changes.
+        assert_eq!(effective_watermark(&LedgerRow::ABSENT, k(3), 0), k(3));
     }
 
     #[test]

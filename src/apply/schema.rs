@@ -37,6 +37,17 @@ CREATE TABLE tally.views (
 );
 COMMENT ON TABLE tally.views IS 'The views Tally maintains, with the definition each table was built for.';
 ",
+    // 2: the vacuum horizon per table; the view registry learns which
+    //    ledger columns each table's views were built from.
+    "
+ALTER TABLE tally.watermarks ADD COLUMN vacuum_lsn bigint NOT NULL DEFAULT 0;
+COMMENT ON COLUMN tally.watermarks.vacuum_lsn IS 'Tombstones that committed below this LSN were reclaimed by tally vacuum; a change below it for a row the ledger does not hold is stale.';
+CREATE TABLE tally.ledger_columns (
+    tbl     text   PRIMARY KEY,
+    columns text[] NOT NULL
+);
+COMMENT ON TABLE tally.ledger_columns IS 'Per source table: the columns the ledger rows hold (those the views read), so that a new view can tell whether it can be built from the ledger.';
+",
 ];
 
 pub const CREATE_SCHEMA: &str = "

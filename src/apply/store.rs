@@ -7,14 +7,14 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::Value;
 use tokio_postgres::{Statement, Transaction};
 
-use super::core::{Coalesced, LedgerRow, RowId, Verdict, transition};
+use super::core::{Coalesced, LedgerRow, RowId, Verdict, effective_watermark, transition};
 use super::{ApplyStats, DeadLetter, Model};
 use crate::event::{OrderKey, Row, TableName};
 
 pub const LOCK_WATERMARK_SHARED: &str =
-    "SELECT commit_lsn, lsn FROM tally.watermarks WHERE tbl = $1 FOR SHARE";
+    "SELECT commit_lsn, lsn, vacuum_lsn FROM tally.watermarks WHERE tbl = $1 FOR SHARE";
 pub const LOCK_WATERMARK_EXCLUSIVE: &str =
-    "SELECT commit_lsn, lsn FROM tally.watermarks WHERE tbl = $1 FOR UPDATE";
+    "SELECT commit_lsn, lsn, vacuum_lsn FROM tally.watermarks WHERE tbl = $1 FOR UPDATE";
 
 /// Locks the batch's ledger rows in key order, creating an absent
 /// placeholder (key zero) for rows never seen, so a row's first two
@@ -120,6 +120,7 @@ pub async fn write_batch(
     tables.sort();
     tables.dedup();
     let mut watermarks: HashMap<&TableName, OrderKey> = HashMap::new();
+    let mut vacuum_horizons: HashMap<&TableName, u64> = HashMap::new();
     for table in tables {
         let statement = if batch.truncates.contains_key(table) {
             &statements.lock_watermark_exclusive
@@ -128,9 +129,12 @@ pub async fn write_batch(
         };
         let row = tx.query_opt(statement, &[&table.to_string()]).await?;
         let key = row
+            .as_ref()
             .map(|r| OrderKey::new(from_db(r.get(0)), from_db(r.get(1))))
             .unwrap_or(OrderKey::ZERO);
         watermarks.insert(table, key);
+        let horizon = row.map(|r| from_db(r.get(2))).unwrap_or(0);
+        vacuum_horizons.insert(table, horizon);
     }
 
     let mut pairs: BTreeMap<TableName, VersionPairs> = BTreeMap::new();
@@ -199,6 +203,11 @@ pub async fn write_batch(
                 .get(&change.id.table)
                 .copied()
                 .unwrap_or(OrderKey::ZERO);
+            let horizon = vacuum_horizons
+                .get(&change.id.table)
+                .copied()
+                .unwrap_or(0);
+            let watermark = effective_watermark(current, watermark, horizon);
             let step = transition(current, watermark, change);
             match step.verdict {
                 Verdict::Duplicate => stats.duplicates += 1,

@@ -193,7 +193,8 @@ pub async fn bootstrap<S: Publisher + Send>(
         }
         let meta = &metas[table];
         let table_name = std::sync::Arc::new(table.clone());
-        let (first_chunk, next_chunk) = chunk_queries(meta, state.consistent_point);
+        let (first_chunk, next_chunk) =
+            chunk_queries(meta, state.consistent_point, RowOp::Read, None);
         let first = tx.prepare(&first_chunk).await?;
         let next = tx.prepare(&next_chunk).await?;
         loop {
@@ -234,10 +235,42 @@ pub async fn bootstrap<S: Publisher + Send>(
     })
 }
 
+/// Which Debezium operation rows are rendered as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOp {
+    /// `r`: a snapshot read (bootstrap).
+    Read,
+    /// `c`: a create.
+    Create,
+    /// `u`: an update.
+    Update,
+    /// `d`: a delete, with the row as `before`.
+    Delete,
+}
+
+impl RowOp {
+    fn code(self) -> &'static str {
+        match self {
+            RowOp::Read => "r",
+            RowOp::Create => "c",
+            RowOp::Update => "u",
+            RowOp::Delete => "d",
+        }
+    }
+}
+
 /// The queries that read a table in primary-key order, a chunk at a time,
-/// each row already rendered as a Debezium `op: "r"` envelope. Numerics are
-/// rendered as text so they stay exact.
-fn chunk_queries(meta: &TableMeta, consistent_point: u64) -> (String, String) {
+/// each row already rendered as a Debezium envelope of `op` with the key
+/// `(commit_lsn, 0)`, and its primary key as text. Numerics are rendered as
+/// text so they stay exact. `filter` (SQL over the table's columns, alias
+/// `t`) narrows the rows; the first query binds `$1` = chunk size, the
+/// next one `$1` = last key, `$2` = chunk size.
+pub(crate) fn chunk_queries(
+    meta: &TableMeta,
+    commit_lsn: u64,
+    op: RowOp,
+    filter: Option<&str>,
+) -> (String, String) {
     let row_pairs: Vec<String> = meta
         .columns
         .iter()
@@ -251,17 +284,23 @@ fn chunk_queries(meta: &TableMeta, consistent_point: u64) -> (String, String) {
         })
         .collect();
     // jsonb_build_object takes at most 100 arguments: 50 columns a call.
-    let after = row_pairs
+    let row = row_pairs
         .chunks(50)
         .map(|pairs| format!("jsonb_build_object({})", pairs.join(", ")))
         .collect::<Vec<_>>()
         .join(" || ");
+    let (before, after) = if op == RowOp::Delete {
+        (row, "NULL::jsonb".to_string())
+    } else {
+        ("NULL::jsonb".to_string(), row)
+    };
     let envelope = format!(
-        "jsonb_build_object('before', NULL::jsonb, 'after', {after}, 'op', 'r', 'ts_ms', (extract(epoch FROM now()) * 1000)::bigint, \
+        "jsonb_build_object('before', {before}, 'after', {after}, 'op', '{op}', 'ts_ms', (extract(epoch FROM now()) * 1000)::bigint, \
          'source', jsonb_build_object('connector', 'tally', 'snapshot', true, 'db', current_database(), 'schema', {schema}, 'table', {table}, 'lsn', 0, 'commit_lsn', {cp}::bigint))::text",
+        op = op.code(),
         schema = sql_literal(&meta.name.schema),
         table = sql_literal(&meta.name.name),
-        cp = consistent_point,
+        cp = commit_lsn,
     );
     let key_columns: Vec<String> = meta
         .primary_key
@@ -287,9 +326,13 @@ fn chunk_queries(meta: &TableMeta, consistent_point: u64) -> (String, String) {
         key_text.join(", "),
         meta.name.quoted()
     );
-    let first = format!("{select} ORDER BY {order} LIMIT $1");
+    let (first_where, next_where) = match filter {
+        Some(filter) => (format!(" WHERE ({filter})"), format!(" AND ({filter})")),
+        None => (String::new(), String::new()),
+    };
+    let first = format!("{select}{first_where} ORDER BY {order} LIMIT $1");
     let next = format!(
-        "{select} WHERE ({order}) > ({}) ORDER BY {order} LIMIT $2",
+        "{select} WHERE ({order}) > ({}){next_where} ORDER BY {order} LIMIT $2",
         key_params.join(", ")
     );
     (first, next)
@@ -297,4 +340,59 @@ fn chunk_queries(meta: &TableMeta, consistent_point: u64) -> (String, String) {
 
 fn sql_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Reads a table's rows as rendered envelopes, a chunk at a time, in
+/// primary-key order (for `replay` and `verify`, which need no state file).
+pub(crate) struct RowReader {
+    first: String,
+    next: String,
+    last_key: Option<Vec<String>>,
+    done: bool,
+}
+
+/// One row read: its envelope and its primary-key values as text.
+pub(crate) struct RenderedRow {
+    pub json: String,
+    pub key: Vec<String>,
+}
+
+impl RowReader {
+    pub(crate) fn new(meta: &TableMeta, commit_lsn: u64, op: RowOp, filter: Option<&str>) -> Self {
+        let (first, next) = chunk_queries(meta, commit_lsn, op, filter);
+        RowReader {
+            first,
+            next,
+            last_key: None,
+            done: false,
+        }
+    }
+
+    /// The next chunk; empty once the table is read.
+    pub(crate) async fn next_chunk(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<Vec<RenderedRow>, tokio_postgres::Error> {
+        if self.done {
+            return Ok(Vec::new());
+        }
+        let rows = match &self.last_key {
+            None => tx.query(&self.first, &[&CHUNK_ROWS]).await?,
+            Some(last) => tx.query(&self.next, &[last, &CHUNK_ROWS]).await?,
+        };
+        if (rows.len() as i64) < CHUNK_ROWS {
+            self.done = true;
+        }
+        let rows: Vec<RenderedRow> = rows
+            .iter()
+            .map(|r| RenderedRow {
+                json: r.get(0),
+                key: r.get(1),
+            })
+            .collect();
+        if let Some(last) = rows.last() {
+            self.last_key = Some(last.key.clone());
+        }
+        Ok(rows)
+    }
 }

@@ -1,5 +1,9 @@
-//! Operator tools: verify (and later bootstrap, replay, recalc, vacuum,
-//! status).
+//! Operator tools, one file each, all safe to run while the pipeline runs:
+//! bootstrap, replay, recalc, verify (and repair), vacuum.
 
 pub mod bootstrap;
+pub mod recalc;
+pub mod replay;
+pub mod snapshot;
+pub mod vacuum;
 pub mod verify;
