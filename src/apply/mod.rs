@@ -296,7 +296,7 @@ impl Applier {
                 format!("unknown table {}: no view reads it", event.table),
             );
         };
-        match decode(&event, &table.meta, &table.stored_columns) {
+        match decode(&event, &table.meta, &table.stored_columns, &table.views) {
             Ok(Decoded::Rows(rows)) => Item::Rows(rows),
             Ok(Decoded::Truncate(table, key)) => Item::Truncate(table, key),
             Err(reason) => dead(Some(&event.table), reason),

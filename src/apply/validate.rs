@@ -8,6 +8,7 @@ use serde_json::{Number, Value};
 use super::core::{Image, RowChange, RowId};
 use crate::catalog::{ColumnMeta, TableMeta};
 use crate::event::{ChangeEvent, Op, OrderKey, Row, TableName, UNCHANGED_TOAST};
+use crate::views::table::ViewTable;
 
 /// What one event means for the ledger.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,10 +19,14 @@ pub enum Decoded {
 }
 
 /// Decodes `event` for `table`, keeping only `stored_columns` of the row.
+/// `views` are the views of the table: a reason about a column names the
+/// views that read it, so that after a schema change on the source the
+/// dead letters say which view definitions no longer fit.
 pub fn decode(
     event: &ChangeEvent,
     table: &TableMeta,
     stored_columns: &[String],
+    views: &[ViewTable],
 ) -> Result<Decoded, String> {
     let key = event.key;
     match event.op {
@@ -38,7 +43,7 @@ pub fn decode(
         Op::Create | Op::Read | Op::Update => {
             let after = event.after.as_ref().ok_or("event without \"after\"")?;
             let pk = primary_key_text(table, after, "after")?;
-            let image = project(table, after, stored_columns)?;
+            let image = project(table, after, stored_columns, views)?;
             let mut rows = Vec::with_capacity(2);
             // With REPLICA IDENTITY DEFAULT, an update's `before` is set only
             // when the key changed, and then it holds the old key.
@@ -98,19 +103,49 @@ fn primary_key_text(table: &TableMeta, row: &Row, side: &str) -> Result<String, 
 }
 
 /// Keeps the columns the views read, each checked against its type.
-fn project(table: &TableMeta, after: &Row, stored_columns: &[String]) -> Result<Row, String> {
+fn project(
+    table: &TableMeta,
+    after: &Row,
+    stored_columns: &[String],
+    views: &[ViewTable],
+) -> Result<Row, String> {
     let mut out = Row::new();
     for name in stored_columns {
         let column = table
             .column(name)
             .ok_or_else(|| format!("after.{name}: column no longer exists in {}", table.name))?;
         let value = after.get(name).ok_or_else(|| {
-            format!("after.{name}: column missing from the event (views read it)")
+            format!(
+                "after.{name}: column missing from the event, and {} it; \
+                 was it dropped or renamed in {}? Change the view to match and restart",
+                readers(views, name),
+                table.name
+            )
         })?;
-        let value = normalize(column, value).map_err(|e| format!("after.{name}: {e}"))?;
+        let value = normalize(column, value).map_err(|e| {
+            format!(
+                "after.{name}: {e} ({} it; was its type changed in {}?)",
+                readers(views, name),
+                table.name
+            )
+        })?;
         out.insert(name.clone(), value);
     }
     Ok(out)
+}
+
+/// `view "a" reads` or `views "a", "b" read`: the views that read `column`.
+fn readers(views: &[ViewTable], column: &str) -> String {
+    let names: Vec<String> = views
+        .iter()
+        .filter(|view| view.def.columns_read.contains(column))
+        .map(|view| format!("\"{}\"", view.name()))
+        .collect();
+    match names.len() {
+        0 => "a view reads".to_string(),
+        1 => format!("view {} reads", names[0]),
+        _ => format!("views {} read", names.join(", ")),
+    }
 }
 
 /// Checks one value against its column type and brings it to the form the
@@ -376,6 +411,105 @@ mod tests {
                 .unwrap_err()
                 .contains("too long")
         );
+    }
+
+    /// The invoices table of `bad_input_e2e` with two views on it, as the
+    /// model loaded it at start-up.
+    fn invoices_with_views() -> (TableMeta, Vec<String>, Vec<ViewTable>) {
+        let table = TableMeta {
+            name: TableName::public("invoices"),
+            columns: vec![
+                ColumnMeta {
+                    name: "id".into(),
+                    ..column("int4", "integer", -1)
+                },
+                ColumnMeta {
+                    name: "total".into(),
+                    ..numeric(8, 2)
+                },
+                ColumnMeta {
+                    name: "qty".into(),
+                    ..column("int4", "integer", -1)
+                },
+            ],
+            primary_key: vec!["id".into()],
+        };
+        let views = crate::views::parse_views(
+            "CREATE MATERIALIZED VIEW totals AS SELECT SUM(total) AS t FROM invoices;
+             CREATE MATERIALIZED VIEW big AS SELECT COUNT(*) FILTER (WHERE total > 100) AS n,
+                 SUM(qty) AS q FROM invoices;",
+        )
+        .unwrap()
+        .into_iter()
+        .map(|def| ViewTable {
+            def,
+            group_types: vec![],
+            sum_types: vec![],
+            final_types: vec![],
+            output_types: vec![],
+            row_columns: vec![],
+        })
+        .collect();
+        let stored = vec!["id".into(), "qty".into(), "total".into()];
+        (table, stored, views)
+    }
+
+    fn insert(after: Value) -> ChangeEvent {
+        ChangeEvent {
+            op: Op::Create,
+            table: TableName::public("invoices"),
+            before: None,
+            after: Some(after.as_object().unwrap().clone()),
+            key: OrderKey::new(10, 10),
+            tx_id: None,
+            ts_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_dropped_column_names_the_views_that_read_it() {
+        let (table, stored, views) = invoices_with_views();
+        let reason =
+            decode(&insert(json!({"id": 1, "qty": 2})), &table, &stored, &views).unwrap_err();
+        assert!(
+            reason.starts_with("after.total: column missing"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains(r#"views "totals", "big" read it"#),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("dropped or renamed in public.invoices"),
+            "{reason}"
+        );
+        let reason = decode(
+            &insert(json!({"id": 1, "total": "1"})),
+            &table,
+            &stored,
+            &views,
+        )
+        .unwrap_err();
+        assert!(reason.contains(r#"view "big" reads it"#), "{reason}");
+    }
+
+    #[test]
+    fn a_retyped_column_names_the_views_that_read_it() {
+        let (table, stored, views) = invoices_with_views();
+        let event = insert(json!({"id": 1, "qty": "many", "total": "1.00"}));
+        let reason = decode(&event, &table, &stored, &views).unwrap_err();
+        assert!(
+            reason.contains("after.qty: expected an integer"),
+            "{reason}"
+        );
+        assert!(reason.contains(r#"view "big" reads it"#), "{reason}");
+        assert!(
+            reason.contains("type changed in public.invoices"),
+            "{reason}"
+        );
+        // An added column nobody reads is ignored.
+        let event = insert(json!({"id": 1, "qty": 1, "total": "1.00", "new": [1]}));
+        assert!(decode(&event, &table, &stored, &views).is_ok());
     }
 
     #[test]

@@ -1521,6 +1521,34 @@ mod tests {
         out.push(at);
     }
 
+    /// The fuzzer starts from `fuzz/corpus/debezium/seed-*`: they must stay
+    /// valid messages, or the fuzzer would start from error paths only.
+    #[test]
+    fn fuzz_seeds_are_valid_messages() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/debezium");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("seed-")
+            {
+                continue;
+            }
+            let raw = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                parse_event(&raw).is_ok(),
+                "{}: {:?}",
+                path.display(),
+                parse_event(&raw)
+            );
+            seen += 1;
+        }
+        assert!(seen >= 5, "{seen} seeds");
+    }
+
     fn parse_without_panic(raw: &str) {
         // Any result is fine; the property is that this returns at all.
         let _ = parse_event(raw);

@@ -754,3 +754,28 @@ fn syntax_errors_say_where() {
     assert!(message.starts_with("SQL syntax error"), "{message}");
     assert!(message.contains("Line: 2"), "{message}");
 }
+
+/// The fuzzer starts from `fuzz/corpus/views/seed-*`: they must stay valid
+/// views files, or the fuzzer would start from error paths only.
+#[test]
+fn fuzz_seeds_are_valid_views_files() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/views");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("seed-")
+        {
+            continue;
+        }
+        let sql = std::fs::read_to_string(&path).unwrap();
+        if let Err(error) = parse_views(&sql) {
+            panic!("{}: {error}", path.display());
+        }
+        seen += 1;
+    }
+    assert!(seen >= 5, "{seen} seeds");
+}
