@@ -407,7 +407,9 @@ fn decode_row(json: &str, meta: &TableMeta, stored_columns: &[String]) -> Option
     let Ok(Parsed::Event(event)) = event::parse_event(json) else {
         return None;
     };
-    match decode(&event, meta, stored_columns) {
+    // No views: they only name themselves in the reason of an error, and an
+    // undecodable row is skipped here.
+    match decode(&event, meta, stored_columns, &[]) {
         Ok(Decoded::Rows(rows)) => rows.into_iter().find_map(|change| match change.image {
             Image::Row(row) => Some((change.id.pk, Value::Object(row))),
             Image::Deleted => None,
