@@ -23,6 +23,7 @@
 //! | `TALLY_BENCH_CHANGES` | 1,000,000 | changes streamed through `tally run` in the memory run |
 //! | `TALLY_BENCH_OVERHEAD_SECONDS` | 15 | length of each source-overhead run |
 //! | `TALLY_BENCH_OVERHEAD_WRITERS` | 8 | closed-loop writer connections in the source-overhead runs |
+//! | `TALLY_BENCH_OVERHEAD_ROUNDS` | 2 | rounds of the three source-overhead runs, in rotated order, so that none profits from its place; the report gives the mean |
 //! | `TALLY_BENCH_JSON` | unset | also write the results as JSON to this file (the plots read it) |
 //!
 //! The Markdown report goes to stdout, progress to stderr. Every Tally run
@@ -97,6 +98,7 @@ struct Settings {
     changes: i64,
     overhead_seconds: f64,
     overhead_writers: usize,
+    overhead_rounds: usize,
     json: Option<String>,
 }
 
@@ -119,6 +121,7 @@ impl Settings {
             changes: env_number("TALLY_BENCH_CHANGES", 1_000_000)?,
             overhead_seconds: env_number("TALLY_BENCH_OVERHEAD_SECONDS", 15.0)?,
             overhead_writers: env_number("TALLY_BENCH_OVERHEAD_WRITERS", 8)?,
+            overhead_rounds: env_number("TALLY_BENCH_OVERHEAD_ROUNDS", 2)?,
             json: std::env::var("TALLY_BENCH_JSON").ok(),
         };
         ensure!(settings.rows > 0, "TALLY_BENCH_ROWS must be > 0");
@@ -509,96 +512,117 @@ async fn write_load(url: &str, writers: usize, seconds: f64) -> Result<f64> {
 struct Overhead {
     writers: usize,
     seconds: f64,
-    /// (aggregation, tx/s)
-    rates: Vec<(Aggregation, f64)>,
+    /// (aggregation, mean tx/s, tx/s of each round)
+    rates: Vec<(Aggregation, f64, Vec<f64>)>,
 }
 
 async fn source_overhead(cluster: &PgCluster, settings: &Settings) -> Result<Overhead> {
-    let mut rates = Vec::new();
-    for (i, aggregation) in [Aggregation::None, Aggregation::Trigger, Aggregation::Tally]
-        .into_iter()
-        .enumerate()
-    {
-        eprintln!("source overhead: {}…", aggregation.name());
-        let pair = Pair::new(cluster, &format!("overhead_{i}"), ACCOUNTS, ACCOUNT_VIEWS).await?;
-        let source = tally::db::connect(&pair.source_url).await?;
-        let mut process = None;
-        match aggregation {
-            Aggregation::None => {}
-            Aggregation::Trigger => source.batch_execute(TRIGGER).await?,
-            Aggregation::Tally => {
-                // The existing accounts reach the view through bootstrap.
-                let boot = pair.path("boot.jsonl");
-                let config = pair.config();
-                run_tally(&[
-                    "bootstrap",
-                    "--config",
-                    &config,
-                    "--output",
-                    &boot,
-                    "--state",
-                    &pair.path("boot.state"),
-                ])?;
-                run_tally(&["apply", "--config", &config, "--input", &boot])?;
-                process = Some(tally(&["run", "--config", &config, "--parallel", "2"]).spawn()?);
-                wait_until(Duration::from_secs(30), || async {
-                    Ok(source
-                        .query_opt("SELECT 1 FROM pg_replication_slots WHERE active", &[])
-                        .await?
-                        .is_some())
-                })
-                .await?;
-            }
-        }
-        let rate = write_load(
-            &pair.source_url,
-            settings.overhead_writers,
-            settings.overhead_seconds,
-        )
-        .await?;
-        eprintln!("  {rate:.0} tx/s");
-        if let Some(mut process) = process {
-            // Tally must have kept up exactly: wait until caught up, check.
-            let end: String = source
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await?
-                .get(0);
-            wait_until(Duration::from_secs(120), || async {
-                Ok(source
-                    .query_one(
-                        "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                        &[&end, &format!("overhead_{i}")],
-                    )
-                    .await?
-                    .get(0))
-            })
-            .await?;
-            pair.check().await?;
-            terminate(&mut process)?;
-            pair.drop_slot(&format!("overhead_{i}")).await?;
-        }
-        if aggregation == Aggregation::Trigger {
-            let drift: i64 = source
-                .query_one(
-                    "SELECT count(*) FROM customer_balance_sync s
-                     FULL JOIN (SELECT customer_id, SUM(balance) AS balance FROM accounts GROUP BY 1) a
-                     USING (customer_id) WHERE s.balance IS DISTINCT FROM a.balance",
-                    &[],
-                )
-                .await?
-                .get(0);
-            ensure!(
-                drift == 0,
-                "the trigger's aggregate drifted on {drift} rows"
+    let all = [Aggregation::None, Aggregation::Trigger, Aggregation::Tally];
+    let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
+    for round in 0..settings.overhead_rounds.max(1) {
+        for step in 0..all.len() {
+            let index = (step + round) % all.len();
+            let name = format!("overhead_{round}_{index}");
+            let rate = overhead_run(cluster, settings, all[index], &name).await?;
+            eprintln!(
+                "  round {}: {}: {rate:.0} tx/s",
+                round + 1,
+                all[index].name()
             );
+            rounds[index].push(rate);
         }
-        rates.push((aggregation, rate));
     }
     Ok(Overhead {
         writers: settings.overhead_writers,
         seconds: settings.overhead_seconds,
-        rates,
+        rates: all
+            .into_iter()
+            .zip(rounds)
+            .map(|(a, r)| (a, r.iter().sum::<f64>() / r.len() as f64, r))
+            .collect(),
     })
+}
+
+/// One source-overhead run in fresh databases named after `name` (also the
+/// slot's name): transactions per second with `aggregation` in place.
+async fn overhead_run(
+    cluster: &PgCluster,
+    settings: &Settings,
+    aggregation: Aggregation,
+    name: &str,
+) -> Result<f64> {
+    let pair = Pair::new(cluster, name, ACCOUNTS, ACCOUNT_VIEWS).await?;
+    let source = tally::db::connect(&pair.source_url).await?;
+    let mut process = None;
+    match aggregation {
+        Aggregation::None => {}
+        Aggregation::Trigger => source.batch_execute(TRIGGER).await?,
+        Aggregation::Tally => {
+            // The existing accounts reach the view through bootstrap.
+            let boot = pair.path("boot.jsonl");
+            let config = pair.config();
+            run_tally(&[
+                "bootstrap",
+                "--config",
+                &config,
+                "--output",
+                &boot,
+                "--state",
+                &pair.path("boot.state"),
+            ])?;
+            run_tally(&["apply", "--config", &config, "--input", &boot])?;
+            process = Some(tally(&["run", "--config", &config, "--parallel", "2"]).spawn()?);
+            wait_until(Duration::from_secs(30), || async {
+                Ok(source
+                    .query_opt("SELECT 1 FROM pg_replication_slots WHERE active", &[])
+                    .await?
+                    .is_some())
+            })
+            .await?;
+        }
+    }
+    let rate = write_load(
+        &pair.source_url,
+        settings.overhead_writers,
+        settings.overhead_seconds,
+    )
+    .await?;
+    if let Some(mut process) = process {
+        // Tally must have kept up exactly: wait until caught up, check.
+        let end: String = source
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
+        wait_until(Duration::from_secs(120), || async {
+            Ok(source
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&end, &name],
+                )
+                .await?
+                .get(0))
+        })
+        .await?;
+        pair.check().await?;
+        terminate(&mut process)?;
+        pair.drop_slot(name).await?;
+    }
+    if aggregation == Aggregation::Trigger {
+        let drift: i64 = source
+            .query_one(
+                "SELECT count(*) FROM customer_balance_sync s
+                 FULL JOIN (SELECT customer_id, SUM(balance) AS balance FROM accounts GROUP BY 1) a
+                 USING (customer_id) WHERE s.balance IS DISTINCT FROM a.balance",
+                &[],
+            )
+            .await?
+            .get(0);
+        ensure!(
+            drift == 0,
+            "the trigger's aggregate drifted on {drift} rows"
+        );
+    }
+    Ok(rate)
 }
 
 // ---------------------------------------------------------------- memory
@@ -715,17 +739,22 @@ fn report(
     let _ = writeln!(out, "\n### Source overhead\n");
     let _ = writeln!(
         out,
-        "{} closed-loop writer connections, each transaction one `UPDATE` of one of 10,000 account rows (100 customers), {} s per configuration, all on one 2-core machine (Tally's capture and apply and its target share it); the trigger's aggregate and Tally's view were checked exact afterwards.\n",
+        "{} closed-loop writer connections, each transaction one `UPDATE` of one of 10,000 account rows (100 customers), {} s per run, the three configurations in rotated order each round, all on one 2-core machine (Tally's capture and apply and its target share it); the trigger's aggregate and Tally's view were checked exact afterwards.\n",
         overhead.writers, overhead.seconds
     );
     let none = overhead.rates[0].1;
-    let _ = writeln!(out, "| aggregation | tx/s | vs no aggregation |");
-    let _ = writeln!(out, "|---|--:|--:|");
-    for (aggregation, rate) in &overhead.rates {
+    let _ = writeln!(
+        out,
+        "| aggregation | tx/s (mean) | each round | vs no aggregation |"
+    );
+    let _ = writeln!(out, "|---|--:|--:|--:|");
+    for (aggregation, rate, rounds) in &overhead.rates {
+        let each: Vec<String> = rounds.iter().map(|r| format!("{r:.0}")).collect();
         let _ = writeln!(
             out,
-            "| {} | {rate:.0} | {:.2} |",
+            "| {} | {rate:.0} | {} | {:.2} |",
             aggregation.name(),
+            each.join(", "),
             rate / none
         );
     }
@@ -771,8 +800,8 @@ fn to_json(
                 "read": what, "p50_ms": t.p50, "mean_ms": t.mean, "runs": t.runs
             })).collect::<Vec<_>>(),
         },
-        "source_overhead": overhead.rates.iter().map(|(a, rate)| json!({
-            "aggregation": a.name(), "tx_per_s": rate
+        "source_overhead": overhead.rates.iter().map(|(a, rate, rounds)| json!({
+            "aggregation": a.name(), "tx_per_s": rate, "rounds": rounds
         })).collect::<Vec<_>>(),
         "bootstrap": {
             "rows": boot.rows, "seconds": boot.seconds, "apply_seconds": boot.apply_seconds
