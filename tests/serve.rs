@@ -51,9 +51,10 @@ async fn demo_api_metrics_health_and_cross_site_writes() {
         .iter()
         .map(|v| v["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["customer_totals", "invoice_total"]);
+    assert_eq!(names, ["invoice_total", "customer_totals"]);
+    assert_eq!(views["views"][0]["group_columns"], serde_json::json!([]));
     assert_eq!(
-        views["views"][0]["group_columns"],
+        views["views"][1]["group_columns"],
         serde_json::json!(["customer_id"])
     );
 
@@ -197,8 +198,15 @@ async fn demo_api_metrics_health_and_cross_site_writes() {
         "{}",
         metrics.body
     );
+    // Every captured event was applied, or dropped as an older version in
+    // its batch, a duplicate or a stale arrival.
+    let handled = value("tally_events_applied_total")
+        + value("tally_events_coalesced_total")
+        + value("tally_events_duplicate_total")
+        + value("tally_events_stale_total");
+    assert!(handled >= 23.0, "{}", metrics.body);
     assert!(
-        value("tally_events_applied_total") >= 23.0,
+        value("tally_events_applied_total") >= 4.0,
         "{}",
         metrics.body
     );
@@ -245,7 +253,7 @@ async fn demo_api_metrics_health_and_cross_site_writes() {
     assert_eq!(deleted.status, 200, "{}", deleted.body);
     let mut stream = EventStream::open(addr, &[]);
     let panel = stream.wait_for("pipeline", Duration::from_secs(5), |_| true);
-    assert!(panel["applied"].as_f64().unwrap() >= 23.0, "{panel}");
+    assert!(panel["captured"].as_f64().unwrap() >= 23.0, "{panel}");
     assert_eq!(panel["dead_letters"], 0);
 }
 
@@ -314,9 +322,16 @@ async fn serve_streams_changes_applied_by_another_process_and_checks_tokens() {
         v["view"] == "invoice_total" && v["rows"][0]["total"] == 42.5
     });
     assert_eq!(changed["rows"][0]["invoices"], 1);
-    stream.wait_for("view", Duration::from_secs(10), |v| {
-        v["view"] == "customer_totals" && v["rows"][0]["customer_id"] == 7
-    });
+    // (The per-customer view's event may come before or after that one.)
+    let customer = request(
+        "GET",
+        addr,
+        "/api/views/customer_totals?customer_id=7",
+        &auth,
+        "",
+    )
+    .json();
+    assert_eq!(customer["rows"][0]["total"], 42.5, "{customer}");
 }
 
 #[test]

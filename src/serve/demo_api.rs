@@ -18,9 +18,8 @@ use super::{ServeError, Shared, auth, metrics};
 use crate::ops::verify::{render_report, verify_views};
 
 pub const LIST_INVOICES: &str = "SELECT coalesce(json_agg(i ORDER BY i.id), '[]')::text FROM (SELECT id, name, customer_id, total::text AS total FROM invoices ORDER BY id DESC LIMIT 200) i";
-pub const CREATE_INVOICE: &str = "INSERT INTO invoices (name, customer_id, total) VALUES ($1, $2, CAST($3 AS numeric)) RETURNING id";
-pub const UPDATE_INVOICE: &str =
-    "UPDATE invoices SET name = $2, customer_id = $3, total = CAST($4 AS numeric) WHERE id = $1";
+pub const CREATE_INVOICE: &str = "INSERT INTO invoices (name, customer_id, total) VALUES ($1, $2, CAST($3::text AS numeric)) RETURNING id";
+pub const UPDATE_INVOICE: &str = "UPDATE invoices SET name = $2, customer_id = $3, total = CAST($4::text AS numeric) WHERE id = $1";
 pub const DELETE_INVOICE: &str = "DELETE FROM invoices WHERE id = $1";
 
 fn json_text(body: String) -> Response {
@@ -171,7 +170,10 @@ pub fn spawn_pipeline_panel(state: Shared) {
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         let mut last: Option<(Instant, f64)> = None;
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = super::sse::closed(&state) => return,
+            }
             let text = handle.render();
             let handled = [
                 "applied",
@@ -196,14 +198,14 @@ pub fn spawn_pipeline_panel(state: Shared) {
             state.hub.publish(
                 "pipeline",
                 json!({
-                    "events_per_second": rate.round(),
-                    "captured": metrics::value(&text, "tally_events_captured_total"),
-                    "applied": metrics::value(&text, "tally_events_applied_total"),
-                    "duplicates": metrics::value(&text, "tally_events_duplicate_total"),
-                    "stale": metrics::value(&text, "tally_events_stale_total"),
+                    "events_per_second": rate.round().max(0.0) as u64,
+                    "captured": metrics::value(&text, "tally_events_captured_total") as u64,
+                    "applied": metrics::value(&text, "tally_events_applied_total") as u64,
+                    "duplicates": metrics::value(&text, "tally_events_duplicate_total") as u64,
+                    "stale": metrics::value(&text, "tally_events_stale_total") as u64,
                     "dead_letters": dead_letters,
-                    "lag_bytes": slot_lag,
-                    "lag_ms": (metrics::value(&text, "tally_apply_lag_seconds") * 1000.0).round(),
+                    "lag_bytes": slot_lag.map(|lag| lag.max(0.0) as u64),
+                    "lag_ms": (metrics::value(&text, "tally_apply_lag_seconds") * 1000.0).round() as u64,
                     "chaos": chaos,
                 })
                 .to_string(),

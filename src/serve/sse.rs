@@ -155,7 +155,21 @@ async fn read_dirty(state: &Shared) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Completes when the server stops.
+pub async fn closed(state: &Shared) {
+    let mut closing = state.hub.closing.subscribe();
+    let _ = closing.wait_for(|closing| *closing).await;
+}
+
 async fn reader(state: Shared) {
+    let stop = state.clone();
+    tokio::select! {
+        _ = read_rounds(state) => {}
+        _ = closed(&stop) => {}
+    }
+}
+
+async fn read_rounds(state: Shared) {
     loop {
         state.hub.wake.notified().await;
         if let Err(err) = read_dirty(&state).await {
@@ -167,9 +181,17 @@ async fn reader(state: Shared) {
     }
 }
 
+async fn listen(state: Shared) {
+    let stop = state.clone();
+    tokio::select! {
+        _ = listen_always(state) => {}
+        _ = closed(&stop) => {}
+    }
+}
+
 /// Keeps a connection to the target that LISTENs, reconnecting with
 /// backoff; every (re)connect marks all views dirty.
-async fn listen(state: Shared) {
+async fn listen_always(state: Shared) {
     let listen_sql = format!("LISTEN {}", quote_ident(VIEWS_CHANNEL));
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -224,10 +246,8 @@ pub async fn stream(
     State(state): State<Shared>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let receiver = state.hub.sender.subscribe();
-    let mut closing = state.hub.closing.subscribe();
-    let closed = async move {
-        let _ = closing.wait_for(|closing| *closing).await;
-    };
+    let stop = state.clone();
+    let closed = async move { closed(&stop).await };
     let first: Vec<Message> = state.hub.snapshot();
     let initial = futures::stream::iter(first.into_iter().map(|m| Ok(to_event(&m))));
     let hub_state = state.clone();

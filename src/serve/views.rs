@@ -62,7 +62,11 @@ pub fn select_sql(view: &ViewTable, filters: &[(&str, &str)]) -> String {
         .iter()
         .enumerate()
         .map(|(i, (column, sql_type))| {
-            format!("{} = CAST(${} AS {sql_type})", quote_ident(column), i + 1)
+            format!(
+                "{} = CAST(${}::text AS {sql_type})",
+                quote_ident(column),
+                i + 1
+            )
         })
         .collect();
     let where_sql = if conditions.is_empty() {
