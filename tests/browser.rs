@@ -150,9 +150,9 @@ async fn run(
 
     // Create 10: the total follows within a second.
     add_invoice(client, "first", "1", "10").await;
-    let took = wait_text(client, "#total", "10.00", Duration::from_secs(1)).await;
+    let took = wait_text(client, "#total", "10", Duration::from_secs(1)).await;
     eprintln!(
-        "create: the total showed 10.00 {} ms after the click",
+        "create: the total showed 10 {} ms after the click",
         took.as_millis()
     );
     wait_text(
@@ -171,9 +171,9 @@ async fn run(
         .await?;
     fill(client, "#amount", "25").await;
     client.find(Locator::Css("#save")).await?.click().await?;
-    let took = wait_text(client, "#total", "25.00", Duration::from_secs(1)).await;
+    let took = wait_text(client, "#total", "25", Duration::from_secs(1)).await;
     eprintln!(
-        "edit: the total showed 25.00 {} ms after the click",
+        "edit: the total showed 25 {} ms after the click",
         took.as_millis()
     );
 
@@ -181,7 +181,7 @@ async fn run(
     wait_text(
         client,
         "table[data-view=\"customer_totals\"] tbody tr td:nth-child(2)",
-        "25.00",
+        "25",
         Duration::from_secs(2),
     )
     .await;
@@ -210,7 +210,7 @@ async fn run(
     )
     .await;
     add_invoice(client, image, "3", "1").await;
-    wait_text(client, "#total", "6.00", Duration::from_secs(2)).await;
+    wait_text(client, "#total", "6", Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let names: Vec<String> = {
         let mut out = Vec::new();
@@ -261,7 +261,7 @@ async fn run(
         add_invoice(client, name, customer, total).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    wait_text(client, "#total", "261.40", Duration::from_secs(3)).await;
+    wait_text(client, "#total", "261.4", Duration::from_secs(3)).await;
     client.find(Locator::Css("#chaos")).await?.click().await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let shot = client.screenshot().await?;
