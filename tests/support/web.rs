@@ -175,14 +175,14 @@ impl EventStream {
             }
             if let Some(name) = line.strip_prefix("event:") {
                 current_event = name.trim().to_string();
-            } else if let Some(data) = line.strip_prefix("data:") {
-                if current_event == event {
-                    let value: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
-                    if wanted(&value) {
-                        return value;
-                    }
-                    seen.push(value);
+            } else if let Some(data) = line.strip_prefix("data:")
+                && current_event == event
+            {
+                let value: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+                if wanted(&value) {
+                    return value;
                 }
+                seen.push(value);
             }
         }
         panic!("no matching {event:?} event in {limit:?}; saw {seen:?}");
