@@ -1,10 +1,13 @@
-//! `tally demo`: the whole idea in one command, in a terminal. A private
-//! PostgreSQL (source and target databases), the essay's `invoices` table
-//! and views, the pipeline with the embedded transport, a short scripted
-//! story and a burst of concurrent writes, each checked against the source.
-//! (The web page of the demo comes with the serve stage.)
+//! `tally demo`: the whole idea in one command. A private PostgreSQL
+//! (source and target databases, or existing ones with `--source` and
+//! `--target`), the essay's `invoices` table and views, the pipeline with
+//! the embedded transport behind a chaos switch, and the web page on
+//! 127.0.0.1:8080: edit invoices on the left, watch the views on the
+//! right. `--story` plays the older scripted terminal story instead.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -13,12 +16,26 @@ use tokio_postgres::Client;
 use crate::apply::consumer::{ConsumeOptions, consume_all};
 use crate::apply::{ApplyError, Model};
 use crate::capture::{self, CaptureError};
-use crate::config::CaptureConfig;
+use crate::config::{CaptureConfig, ChaosConfig};
 use crate::db::{self, ConnectError, describe};
 use crate::ops::verify::{render_report, verify_views};
 use crate::pgcluster::{ClusterError, PgCluster};
 use crate::progress::Counter;
+use crate::serve::{self, DemoControls, ServeError};
+use crate::transport::chaos::ChaosSubscription;
 use crate::transport::embedded;
+
+/// What `tally demo` was asked for.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Where the page is served.
+    pub listen: SocketAddr,
+    /// Existing databases instead of a private cluster (both or neither).
+    pub source: Option<String>,
+    pub target: Option<String>,
+    /// The scripted terminal story instead of the page.
+    pub story: bool,
+}
 
 #[derive(Debug, Error)]
 pub enum DemoError {
@@ -36,6 +53,10 @@ pub enum DemoError {
     Sql(String),
     #[error("the view did not reach the source's value within 10 s")]
     Timeout,
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("--source and --target go together: pass both, or neither for a private PostgreSQL")]
+    HalfExisting,
 }
 
 impl From<tokio_postgres::Error> for DemoError {
@@ -45,7 +66,7 @@ impl From<tokio_postgres::Error> for DemoError {
 }
 
 const SOURCE_SCHEMA: &str = "
-CREATE TABLE invoices (
+CREATE TABLE IF NOT EXISTS invoices (
     id          serial PRIMARY KEY,
     name        text NOT NULL,
     customer_id integer NOT NULL,
@@ -89,33 +110,85 @@ async fn show(step: &str, source: &Client, target: &Client) -> Result<(), DemoEr
     }
 }
 
-/// Runs the demo until `stop` completes (Ctrl-C).
-pub async fn run(stop: impl std::future::Future<Output = ()>) -> Result<(), DemoError> {
-    println!("Starting a private PostgreSQL (wal_level = logical)…");
-    let cluster = tokio::task::spawn_blocking(PgCluster::start)
-        .await
-        .map_err(|e| DemoError::Sql(e.to_string()))??;
-    let source_url = cluster.create_database("shop")?;
-    let target_url = cluster.create_database("aggregates")?;
-    let source = db::connect(&source_url).await?;
+/// The databases of the demo; the cluster, when private, lives as long
+/// as this.
+struct Databases {
+    cluster: Option<PgCluster>,
+    source_url: String,
+    target_url: String,
+}
+
+async fn databases(options: &DemoOptions) -> Result<Databases, DemoError> {
+    match (&options.source, &options.target) {
+        (Some(source), Some(target)) => Ok(Databases {
+            cluster: None,
+            source_url: source.clone(),
+            target_url: target.clone(),
+        }),
+        (None, None) => {
+            println!("Starting a private PostgreSQL (wal_level = logical)…");
+            let cluster = tokio::task::spawn_blocking(PgCluster::start)
+                .await
+                .map_err(|e| DemoError::Sql(e.to_string()))??;
+            let source_url = cluster.create_database("shop")?;
+            let target_url = cluster.create_database("aggregates")?;
+            Ok(Databases {
+                cluster: Some(cluster),
+                source_url,
+                target_url,
+            })
+        }
+        _ => Err(DemoError::HalfExisting),
+    }
+}
+
+/// Capture and two appliers over the embedded queue, each applier behind
+/// a chaos wrapper that `chaos` turns on and off.
+struct Pipeline {
+    model: Arc<Model>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    capture: tokio::task::JoinHandle<Result<capture::CaptureStats, CaptureError>>,
+    appliers: tokio::task::JoinHandle<Result<crate::apply::ApplyStats, ApplyError>>,
+}
+
+async fn start_pipeline(
+    source: &Client,
+    source_url: &str,
+    target_url: &str,
+    chaos: Arc<AtomicBool>,
+) -> Result<Pipeline, DemoError> {
     source.batch_execute(SOURCE_SCHEMA).await?;
+    let database: String = source
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0);
     let views = crate::views::parse_views(VIEWS)?;
-    let model = Model::load(&source, views).await?;
-    let mut target = db::connect(&target_url).await?;
+    let model = Model::load(source, views).await?;
+    let mut target = db::connect(target_url).await?;
     model.ensure_target_schema(&mut target).await?;
     let model = Arc::new(model);
 
     let capture_config = CaptureConfig::default();
     let tables: Vec<_> = model.tables.keys().cloned().collect();
-    capture::prepare_source(&source, &capture_config, &tables).await?;
-    capture::ensure_slot(&source, &source_url, &capture_config.slot).await?;
+    capture::prepare_source(source, &capture_config, &tables).await?;
+    capture::ensure_slot(source, source_url, &capture_config.slot).await?;
     let (mut sink, queue) = embedded::channel(4, 2000);
+    let chaos_config = ChaosConfig {
+        seed: rand::random(),
+        duplicate: 0.3,
+        delay: 0.4,
+        max_delay_ms: 400,
+    };
     let appliers = {
-        let (target_url, model) = (target_url.clone(), model.clone());
+        let (target_url, model) = (target_url.to_string(), model.clone());
         // The appliers stop when capture stops and the queue drains.
         let (_never, stop) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            let subscriptions = vec![queue.clone(), queue];
+            let subscriptions: Vec<_> = (0..2u64)
+                .map(|i| {
+                    ChaosSubscription::switchable(queue.clone(), chaos_config, i, chaos.clone())
+                })
+                .collect();
             consume_all(
                 subscriptions,
                 &target_url,
@@ -127,22 +200,106 @@ pub async fn run(stop: impl std::future::Future<Output = ()>) -> Result<(), Demo
             .await
         })
     };
-    let (stop_pipeline, pipeline_stopped) = tokio::sync::oneshot::channel::<()>();
-    let pipeline_source_url = source_url.clone();
-    let pipeline = tokio::spawn(async move {
-        let result = capture::stream_changes(
-            &pipeline_source_url,
-            &capture_config,
-            "shop",
-            &mut sink,
-            async {
-                let _ = pipeline_stopped.await;
-            },
-        )
-        .await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let source_url = source_url.to_string();
+    let capture = tokio::spawn(async move {
+        let result =
+            capture::stream_changes(&source_url, &capture_config, &database, &mut sink, async {
+                let _ = stopped.await;
+            })
+            .await;
         drop(sink);
         result
     });
+    Ok(Pipeline {
+        model,
+        stop,
+        capture,
+        appliers,
+    })
+}
+
+impl Pipeline {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.capture.await;
+        let _ = self.appliers.await;
+    }
+}
+
+/// Runs the demo until `stop` completes (Ctrl-C).
+pub async fn run(
+    options: DemoOptions,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DemoError> {
+    if options.story {
+        return run_story(options, stop).await;
+    }
+    let started = Instant::now();
+    // Refuse a bad address before starting anything.
+    let listener = serve::bind(options.listen, None).await?;
+    crate::serve::metrics::install();
+    let dbs = databases(&options).await?;
+    let source = db::connect(&dbs.source_url).await?;
+    let chaos = Arc::new(AtomicBool::new(false));
+    let pipeline = start_pipeline(&source, &dbs.source_url, &dbs.target_url, chaos.clone()).await?;
+    let state = serve::start_state(
+        pipeline.model.clone(),
+        &dbs.source_url,
+        &dbs.target_url,
+        &CaptureConfig::default().slot,
+        None,
+        Some(DemoControls { chaos }),
+    )
+    .await?;
+    serve::demo_api::spawn_pipeline_panel(state.clone());
+    let local = listener
+        .local_addr()
+        .map_err(|e| DemoError::Sql(e.to_string()))?;
+    println!("Source:  {}", crate::config::redact_url(&dbs.source_url));
+    println!("Target:  {}", crate::config::redact_url(&dbs.target_url));
+    println!(
+        "Tally demo is up in {:.1} s: open http://{local}/",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "Ctrl-C stops the demo{}.",
+        if dbs.cluster.is_some() {
+            " and removes the private PostgreSQL"
+        } else {
+            ""
+        }
+    );
+    serve::run(listener, state, stop).await?;
+    pipeline.stop().await;
+    let private = dbs.cluster.is_some();
+    drop(dbs);
+    if private {
+        println!("Stopped; the private PostgreSQL is removed.");
+    } else {
+        println!("Stopped.");
+    }
+    Ok(())
+}
+
+/// The scripted terminal story: the essay's invoice 2, then a burst of
+/// concurrent writes, each checked against the source.
+async fn run_story(
+    options: DemoOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), DemoError> {
+    let dbs = databases(&options).await?;
+    let (source_url, target_url) = (dbs.source_url.clone(), dbs.target_url.clone());
+    let source = db::connect(&source_url).await?;
+    let target = db::connect(&target_url).await?;
+    let pipeline = start_pipeline(
+        &source,
+        &source_url,
+        &target_url,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await?;
+    let model = pipeline.model.clone();
 
     println!("\nSource:  {source_url}\nTarget:  {target_url}");
     println!(
@@ -206,10 +363,8 @@ pub async fn run(stop: impl std::future::Future<Output = ()>) -> Result<(), Demo
         "read the views at the target URL (SELECT * FROM customer_totals). Ctrl-C stops and removes everything."
     );
     stop.await;
-    let _ = stop_pipeline.send(());
-    let _ = pipeline.await;
-    let _ = appliers.await;
-    drop(cluster);
+    pipeline.stop().await;
+    drop(dbs);
     println!("Stopped; the private PostgreSQL is removed.");
     Ok(())
 }

@@ -13,5 +13,6 @@ pub mod natsserver;
 pub mod ops;
 pub mod pgcluster;
 pub mod progress;
+pub mod serve;
 pub mod transport;
 pub mod views;

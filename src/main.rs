@@ -73,10 +73,44 @@ enum Command {
         batch_size: Option<usize>,
     },
     /// The whole idea in one command: a private PostgreSQL, the essay's
-    /// invoices and views, the pipeline, a scripted story and a burst of
-    /// writes checked against the source. Needs only PostgreSQL's server
-    /// package. Ctrl-C stops and removes everything.
-    Demo,
+    /// invoices and views, the pipeline, and a web page to edit invoices
+    /// and watch the views (with a chaos switch and a verify button).
+    /// Needs only PostgreSQL's server package. Ctrl-C stops and removes
+    /// everything.
+    Demo {
+        /// Where to serve the page (loopback only: the demo has no auth).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// An existing source database (wal_level = logical) instead of a
+        /// private cluster; needs --target too.
+        #[arg(long, value_name = "URL", requires = "target")]
+        source: Option<String>,
+        /// An existing target database; needs --source too.
+        #[arg(long, value_name = "URL", requires = "source")]
+        target: Option<String>,
+        /// Play the scripted story in the terminal instead (invoice 2
+        /// created, updated, deleted; a burst of 10,000 transactions).
+        #[arg(long)]
+        story: bool,
+    },
+    /// Serve the views: GET /api/views, /api/views/NAME?group_col=value,
+    /// /api/stream (Server-Sent Events on every change), /metrics
+    /// (Prometheus), /healthz. Listens on loopback unless given a token.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// Require `Authorization: Bearer TOKEN` on every request but
+        /// /healthz; needed to listen on a non-loopback address.
+        #[arg(
+            long,
+            env = "TALLY_AUTH_TOKEN",
+            value_name = "TOKEN",
+            hide_env_values = true
+        )]
+        auth_token: Option<String>,
+    },
     /// Capture and apply in one process, joined by an in-process queue
     /// (or by NATS when [transport] kind = "nats"): the source's changes
     /// flow into the views within milliseconds. The slot is confirmed only
@@ -183,7 +217,7 @@ fn main() -> ExitCode {
     // The demo tells its own story; its logs would only interleave.
     // Client libraries' own info lines (every NOTICE, every reconnect
     // attempt) would drown Tally's, which say the same once.
-    let default_level = if matches!(cli.command, Command::Demo) {
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
         "warn"
     } else {
         "info,async_nats=warn,tokio_postgres=warn"
@@ -480,8 +514,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => {
-            tally::demo::run(shutdown_signal()).await?;
+        Command::Demo {
+            listen,
+            source,
+            target,
+            story,
+        } => {
+            let options = tally::demo::DemoOptions {
+                listen,
+                source,
+                target,
+                story,
+            };
+            tally::demo::run(options, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            config,
+            listen,
+            auth_token,
+        } => {
+            // Refuse an exposed address before touching any database.
+            tally::serve::auth::check_exposure(listen, auth_token.as_deref())?;
+            let (config, _source, _target, model) = open(&config.config).await?;
+            tally::serve::serve(&config, model, listen, auth_token, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, parallel } => {

@@ -201,10 +201,12 @@ async fn errors_name_the_bad_input() {
 }
 
 #[test]
-fn demo_tells_the_story_and_cleans_up() {
+fn demo_story_tells_the_story_and_cleans_up() {
     use std::io::{BufRead, BufReader};
+    // The scripted terminal story; the web demo is tested in tests/serve.rs
+    // and tests/browser.rs.
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("demo")
+        .args(["demo", "--story"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -245,11 +245,19 @@ impl Applier {
         &mut self,
         messages: &[M],
     ) -> Result<ApplyStats, ApplyError> {
+        let started = std::time::Instant::now();
+        let mut newest_commit_ms: Option<i64> = None;
         let items: Vec<(Item, &str)> = messages
             .iter()
-            .map(|m| (self.decode(m.as_ref()), m.as_ref()))
+            .map(|m| {
+                let (item, ts_ms) = self.decode(m.as_ref());
+                newest_commit_ms = newest_commit_ms.max(ts_ms);
+                (item, m.as_ref())
+            })
             .collect();
-        self.apply_items(&items).await
+        let stats = self.apply_items(&items).await?;
+        record_metrics(&stats, messages.len(), started.elapsed(), newest_commit_ms);
+        Ok(stats)
     }
 
     /// Writes `messages` to the dead-letter table with `reason`, without
@@ -274,21 +282,39 @@ impl Applier {
                 (dead, m.as_ref())
             })
             .collect();
-        Ok(self.try_items(&items).await?)
+        let started = std::time::Instant::now();
+        let stats = self.try_items(&items).await?;
+        record_metrics(&stats, messages.len(), started.elapsed(), None);
+        Ok(stats)
     }
 
-    fn decode(&self, message: &str) -> Item {
+    /// The message as an item, and the source commit time it carries (for
+    /// the lag gauge).
+    fn decode(&self, message: &str) -> (Item, Option<i64>) {
+        match event::parse_event(message) {
+            Ok(Parsed::Event(event)) => {
+                let ts_ms = event.ts_ms;
+                (self.decode_event(message, event), ts_ms)
+            }
+            Ok(Parsed::Tombstone) => (Item::Tombstone, None),
+            Err(err) => (
+                Item::Dead(DeadLetter {
+                    table: None,
+                    reason: err.to_string(),
+                    payload: message.to_string(),
+                }),
+                None,
+            ),
+        }
+    }
+
+    fn decode_event(&self, message: &str, event: event::ChangeEvent) -> Item {
         let dead = |table: Option<&TableName>, reason: String| {
             Item::Dead(DeadLetter {
                 table: table.map(|t| t.to_string()),
                 reason,
                 payload: message.to_string(),
             })
-        };
-        let event = match event::parse_event(message) {
-            Ok(Parsed::Tombstone) => return Item::Tombstone,
-            Ok(Parsed::Event(event)) => event,
-            Err(err) => return dead(None, err.to_string()),
         };
         let Some(table) = self.model.tables.get(&event.table) else {
             return dead(
@@ -390,6 +416,34 @@ impl Applier {
                 Err(err) => return Err(err),
             }
         }
+    }
+}
+
+/// Counts a committed batch in the process's metrics (see
+/// `serve::metrics` for how they are exported). Recorded here, where every
+/// way of applying (file, transport, dead-lettering) passes, and once per
+/// batch, so the cost is a few atomic adds per transaction.
+fn record_metrics(
+    stats: &ApplyStats,
+    messages: usize,
+    took: Duration,
+    newest_commit_ms: Option<i64>,
+) {
+    metrics::counter!("tally_events_applied_total").increment(stats.applied + stats.truncates);
+    metrics::counter!("tally_events_coalesced_total").increment(stats.coalesced);
+    metrics::counter!("tally_events_duplicate_total").increment(stats.duplicates);
+    metrics::counter!("tally_events_stale_total").increment(stats.stale);
+    metrics::counter!("tally_events_dead_lettered_total").increment(stats.dead_lettered);
+    metrics::counter!("tally_batches_total").increment(1);
+    metrics::histogram!("tally_apply_batch_size").record(messages as f64);
+    metrics::histogram!("tally_apply_seconds").record(took.as_secs_f64());
+    if let Some(commit_ms) = newest_commit_ms {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        // From the source's commit to the target's: what a reader of the
+        // view waits for a change.
+        metrics::gauge!("tally_apply_lag_seconds").set((now_ms - commit_ms).max(0) as f64 / 1000.0);
     }
 }
 

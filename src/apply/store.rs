@@ -51,6 +51,14 @@ pub const INSERT_DEAD_LETTERS: &str = "
 INSERT INTO tally.dead_letters (source_table, reason, payload)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])";
 
+/// The channel on which each batch transaction announces the views it
+/// changed (a comma-separated list of names). Postgres delivers a
+/// notification only when its transaction commits, so a listener (`tally
+/// serve`) never hears of a change it cannot yet read.
+pub const VIEWS_CHANNEL: &str = "tally_views";
+
+pub const NOTIFY_VIEWS: &str = "SELECT pg_notify($1, $2)";
+
 /// Statements prepared once per connection.
 pub struct Statements {
     lock_watermark_shared: Statement,
@@ -60,6 +68,7 @@ pub struct Statements {
     truncate_ledger: Statement,
     raise_watermark: Statement,
     insert_dead_letters: Statement,
+    notify_views: Statement,
     /// Per view name: its delta upsert and its empty-group delete.
     views: BTreeMap<String, (Statement, Option<Statement>)>,
 }
@@ -86,6 +95,7 @@ impl Statements {
             truncate_ledger: client.prepare(TRUNCATE_LEDGER).await?,
             raise_watermark: client.prepare(RAISE_WATERMARK).await?,
             insert_dead_letters: client.prepare(INSERT_DEAD_LETTERS).await?,
+            notify_views: client.prepare(NOTIFY_VIEWS).await?,
             views,
         })
     }
@@ -243,12 +253,23 @@ pub async fn write_batch(
         }
     }
     view_work.sort_by_key(|(name, _)| *name);
+    let mut changed: Vec<&str> = Vec::new();
     for (name, (old, new)) in view_work {
         let (delta, delete_empty) = &statements.views[name];
         tx.execute(delta, &[old, new]).await?;
         if let Some(delete_empty) = delete_empty {
             tx.execute(delete_empty, &[]).await?;
         }
+        if changed.last() != Some(&name) {
+            changed.push(name);
+        }
+    }
+    if !changed.is_empty() {
+        tx.execute(
+            &statements.notify_views,
+            &[&VIEWS_CHANNEL, &changed.join(",")],
+        )
+        .await?;
     }
 
     // 5. Dead letters, in the same transaction as the batch they came with.

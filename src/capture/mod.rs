@@ -334,6 +334,8 @@ async fn stream_session<S: Publisher>(
                             .map_err(|err| CaptureError::Decode(err.to_string()))?;
                         match builder.handle(wal_start, decoded).map_err(CaptureError::Decode)? {
                             Step::Events(events) => {
+                                metrics::counter!("tally_events_captured_total")
+                                    .increment(events.len() as u64);
                                 for event in events {
                                     sink.publish(event).await?;
                                     stats.events += 1;
@@ -367,6 +369,12 @@ async fn stream_session<S: Publisher>(
             status
                 .send_status(received, stats.confirmed_lsn, false)
                 .await?;
+        }
+        if due || reply_requested {
+            // What the server has sent that is not yet safe in the target
+            // (embedded) or the broker (NATS).
+            metrics::gauge!("tally_capture_lag_bytes")
+                .set(received.saturating_sub(stats.confirmed_lsn) as f64);
         }
     }
 }

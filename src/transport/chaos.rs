@@ -6,6 +6,8 @@
 //! by the applier as usual. A held-back delivery stays unacknowledged until
 //! it is released and applied, so nothing is confirmed early.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -22,6 +24,9 @@ pub struct ChaosSubscription<S> {
     rng: StdRng,
     held: Vec<(Instant, Delivery)>,
     inner_closed: bool,
+    /// When set and false, deliveries pass through unstirred (the demo's
+    /// switch); held-back ones are still released when due.
+    switch: Option<Arc<AtomicBool>>,
 }
 
 impl<S: Subscription> ChaosSubscription<S> {
@@ -34,7 +39,22 @@ impl<S: Subscription> ChaosSubscription<S> {
             rng: StdRng::seed_from_u64(config.seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
             held: Vec::new(),
             inner_closed: false,
+            switch: None,
         }
+    }
+
+    /// Chaos that can be turned on and off while running, through `switch`.
+    pub fn switchable(inner: S, config: ChaosConfig, stream: u64, switch: Arc<AtomicBool>) -> Self {
+        ChaosSubscription {
+            switch: Some(switch),
+            ..ChaosSubscription::new(inner, config, stream)
+        }
+    }
+
+    fn on(&self) -> bool {
+        self.switch
+            .as_ref()
+            .is_none_or(|switch| switch.load(Ordering::Relaxed))
     }
 
     fn release_due(&mut self, now: Instant, out: &mut Vec<Delivery>) {
@@ -50,6 +70,9 @@ impl<S: Subscription> ChaosSubscription<S> {
 
     /// Holds some back, copies some, shuffles the rest.
     fn stir(&mut self, batch: Vec<Delivery>, now: Instant) -> Vec<Delivery> {
+        if !self.on() {
+            return batch;
+        }
         let mut out = Vec::with_capacity(batch.len());
         for delivery in batch {
             if self.rng.random_bool(self.config.duplicate) {
