@@ -397,4 +397,31 @@ async fn vacuum_keeps_tombstones_late_events_need_and_reclaims_the_rest() {
         )),
         "{stdout}"
     );
+
+    // status shows the slot, the ledger, the views and the dead letters.
+    let (code, stdout, stderr) = tally_output(&["status", "--config", config, "--json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let status: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["slot"]["confirmed_lsn"], confirmed.as_str(), "{status}");
+    assert_eq!(status["slot"]["active"], false, "{status}");
+    assert!(status["slot"]["lag_bytes"].as_i64().unwrap() >= 0, "{status}");
+    assert_eq!(status["transport"]["kind"], "embedded");
+    assert_eq!(status["transport"]["pending"], Value::Null);
+    assert_eq!(status["tables"][0]["table"], "public.orders");
+    assert_eq!(status["tables"][0]["tombstones"], 10, "{status}");
+    assert_eq!(status["tables"][0]["rows"], 1990, "{status}");
+    assert_eq!(status["tables"][0]["vacuum_horizon"], confirmed.as_str());
+    assert!(
+        status["tables"][0]["last_applied"]
+            .as_str()
+            .unwrap()
+            .starts_with(&tally::event::format_lsn(late_key)),
+        "{status}"
+    );
+    assert_eq!(status["dead_letters"], 0);
+    assert_eq!(status["views"][0]["view"], "customer_orders");
+    assert_eq!(status["views"][0]["rows"], 50);
+    let (code, stdout, _) = tally_output(&["status", "--config", config]).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("view customer_orders: 50 rows"), "{stdout}");
 }
