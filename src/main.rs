@@ -494,7 +494,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, parallel } => {
-            let (config, source, _target, model) = open(&config.config).await?;
+            let (config, mut source, mut target, model) = open(&config.config).await?;
+            tally::ops::live_views::backfill(
+                &mut source,
+                &config.source_url,
+                &mut target,
+                &config.target_url,
+                &model,
+            )
+            .await?;
             let tables: Vec<_> = model.tables.keys().cloned().collect();
             tally::capture::prepare_source(&source, &config.capture, &tables).await?;
             tally::capture::ensure_slot(&source, &config.source_url, &config.capture.slot).await?;
