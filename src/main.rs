@@ -604,8 +604,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 slot: config.capture.slot.clone(),
                 ..VerifyOptions::default()
             };
-            let mut report =
-                verify_all(&mut source, &config.source_url, &mut target, &model, &options).await?;
+            let mut report = verify_all(
+                &mut source,
+                &config.source_url,
+                &mut target,
+                &model,
+                &options,
+            )
+            .await?;
             let mut repaired = None;
             if repair && report.drift {
                 if !json {
@@ -626,9 +632,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 );
                 repaired = Some(summary);
-                report =
-                    verify_all(&mut source, &config.source_url, &mut target, &model, &options)
-                        .await?;
+                report = verify_all(
+                    &mut source,
+                    &config.source_url,
+                    &mut target,
+                    &model,
+                    &options,
+                )
+                .await?;
             }
             if json {
                 let value = serde_json::json!({ "report": report, "repair": repaired });
@@ -662,8 +673,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let meta = find_table(&model, &table)?.clone();
             let mut sink = match (&output, config.transport.kind) {
                 (None, TransportKind::Embedded) => ReplaySink::Direct(Box::new(
-                    DirectApply::connect(&config.target_url, model.clone(), config.apply.batch_size)
-                        .await?,
+                    DirectApply::connect(
+                        &config.target_url,
+                        model.clone(),
+                        config.apply.batch_size,
+                    )
+                    .await?,
                 )),
                 _ => ReplaySink::Transport(open_publisher(&config, output).await?),
             };
@@ -729,8 +744,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     ack_pending: None,
                 },
                 TransportKind::Nats => {
-                    let (pending, ack_pending) =
-                        NatsTransport::connect(&config.transport).await?.backlog().await?;
+                    let (pending, ack_pending) = NatsTransport::connect(&config.transport)
+                        .await?
+                        .backlog()
+                        .await?;
                     tally::ops::status::TransportStatus {
                         kind: "nats".into(),
                         pending: Some(pending),

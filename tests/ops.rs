@@ -49,7 +49,13 @@ async fn running_pipeline(env: &TestEnv) -> Spawned {
         .collect();
     env.apply(&model, &snapshot, 2, 1000).await;
     let config = env.config_path();
-    spawn_tally(&["run", "--config", config.to_str().unwrap(), "--parallel", "2"])
+    spawn_tally(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--parallel",
+        "2",
+    ])
 }
 
 fn ledger_kinds(report: &Value) -> Vec<(String, String)> {
@@ -195,10 +201,7 @@ async fn replay_and_recalc() {
     assert_ne!(code, 0);
     assert!(stderr.contains("READ ONLY"), "{stderr}");
     assert!(stderr.contains("read-only transaction"), "{stderr}");
-    let (code, _, stderr) = tally_output(&[
-        "replay", "--config", config, "--table", "nope",
-    ])
-    .await;
+    let (code, _, stderr) = tally_output(&["replay", "--config", config, "--table", "nope"]).await;
     assert_ne!(code, 0);
     assert!(stderr.contains("public.orders"), "{stderr}");
 
@@ -228,7 +231,13 @@ async fn replay_and_recalc() {
         .await
         .unwrap();
     let (code, _, stderr) = tally_output(&[
-        "replay", "--config", config, "--table", "orders", "--where", "id = 5004",
+        "replay",
+        "--config",
+        config,
+        "--table",
+        "orders",
+        "--where",
+        "id = 5004",
     ])
     .await;
     assert_eq!(code, 0, "{stderr}");
@@ -240,7 +249,15 @@ async fn replay_and_recalc() {
         .await
         .unwrap();
     let (code, _, stderr) = tally_output(&[
-        "replay", "--config", config, "--table", "orders", "--where", "id = 5005", "--op", "d",
+        "replay",
+        "--config",
+        config,
+        "--table",
+        "orders",
+        "--where",
+        "id = 5005",
+        "--op",
+        "d",
     ])
     .await;
     assert_eq!(code, 0, "{stderr}");
@@ -248,7 +265,13 @@ async fn replay_and_recalc() {
     assert_eq!(differences.len(), 1, "{differences:#?}");
     // A fresh replay (a later snapshot) brings it back.
     let (code, _, stderr) = tally_output(&[
-        "replay", "--config", config, "--table", "orders", "--where", "id = 5005",
+        "replay",
+        "--config",
+        config,
+        "--table",
+        "orders",
+        "--where",
+        "id = 5005",
     ])
     .await;
     assert_eq!(code, 0, "{stderr}");
@@ -267,7 +290,10 @@ async fn replay_and_recalc() {
     let (code, stdout, stderr) =
         tally_output(&["recalc", "--config", config, "--view", "customer_orders"]).await;
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("customer_orders: 50 rows, 1 changed"), "{stdout}");
+    assert!(
+        stdout.contains("customer_orders: 50 rows, 1 changed"),
+        "{stdout}"
+    );
     assert!(env.verify(&model).await.is_empty());
     let (code, _, stderr) = tally_output(&["recalc", "--config", config, "--view", "nope"]).await;
     assert_ne!(code, 0);
@@ -355,7 +381,11 @@ async fn vacuum_keeps_tombstones_late_events_need_and_reclaims_the_rest() {
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["horizon"], confirmed.as_str(), "{report}");
     assert_eq!(report["deleted"], 10, "{report}");
-    assert_eq!(tombstones(&env, 1, 10).await, 0, "reclaimed below the horizon");
+    assert_eq!(
+        tombstones(&env, 1, 10).await,
+        0,
+        "reclaimed below the horizon"
+    );
     assert_eq!(tombstones(&env, 11, 20).await, 10, "kept above the horizon");
 
     // Late events: an old create of a reclaimed row is stale (the vacuum
@@ -402,9 +432,16 @@ async fn vacuum_keeps_tombstones_late_events_need_and_reclaims_the_rest() {
     let (code, stdout, stderr) = tally_output(&["status", "--config", config, "--json"]).await;
     assert_eq!(code, 0, "{stderr}");
     let status: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(status["slot"]["confirmed_lsn"], confirmed.as_str(), "{status}");
+    assert_eq!(
+        status["slot"]["confirmed_lsn"],
+        confirmed.as_str(),
+        "{status}"
+    );
     assert_eq!(status["slot"]["active"], false, "{status}");
-    assert!(status["slot"]["lag_bytes"].as_i64().unwrap() >= 0, "{status}");
+    assert!(
+        status["slot"]["lag_bytes"].as_i64().unwrap() >= 0,
+        "{status}"
+    );
     assert_eq!(status["transport"]["kind"], "embedded");
     assert_eq!(status["transport"]["pending"], Value::Null);
     assert_eq!(status["tables"][0]["table"], "public.orders");

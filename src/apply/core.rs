@@ -83,7 +83,11 @@ pub fn guard(stored: OrderKey, watermark: OrderKey, incoming: OrderKey) -> Verdi
 /// a stale copy of a change whose tombstone was reclaimed (e.g. an old
 /// events file applied again), so it must not resurrect the row: every
 /// change with `commit_lsn < vacuum_horizon` is stale for an absent row.
-pub fn effective_watermark(stored: &LedgerRow, truncate: OrderKey, vacuum_horizon: u64) -> OrderKey {
+pub fn effective_watermark(
+    stored: &LedgerRow,
+    truncate: OrderKey,
+    vacuum_horizon: u64,
+) -> OrderKey {
     if stored.key != OrderKey::ZERO || vacuum_horizon == 0 {
         return truncate;
     }
@@ -308,13 +312,25 @@ mod tests {
         let horizon = 100;
         // An absent row: anything committed below the horizon is stale.
         let absent = effective_watermark(&LedgerRow::ABSENT, k(0), horizon);
-        assert_eq!(guard(OrderKey::ZERO, absent, OrderKey::new(99, 500)), Verdict::Stale);
-        assert_eq!(guard(OrderKey::ZERO, absent, OrderKey::new(100, 0)), Verdict::Apply);
+        assert_eq!(
+            guard(OrderKey::ZERO, absent, OrderKey::new(99, 500)),
+            Verdict::Stale
+        );
+        assert_eq!(
+            guard(OrderKey::ZERO, absent, OrderKey::new(100, 0)),
+            Verdict::Apply
+        );
         assert_eq!(guard(OrderKey::ZERO, absent, k(150)), Verdict::Apply);
         // A truncate above the horizon still rules.
-        assert_eq!(effective_watermark(&LedgerRow::ABSENT, k(200), horizon), k(200));
+        assert_eq!(
+            effective_watermark(&LedgerRow::ABSENT, k(200), horizon),
+            k(200)
+        );
         // A row the ledger holds is guarded by its own key alone.
-        let held = LedgerRow { key: k(40), image: None };
+        let held = LedgerRow {
+            key: k(40),
+            image: None,
+        };
         assert_eq!(effective_watermark(&held, k(0), horizon), k(0));
         assert_eq!(guard(held.key, k(0), k(50)), Verdict::Apply);
         // No vacuum yet: nothing changes.

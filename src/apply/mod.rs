@@ -214,7 +214,11 @@ impl Model {
                 tracing::info!(
                     "view \"{}\" {} in the target from the ledger",
                     view.name(),
-                    if registered.is_none() { "built" } else { "rebuilt" }
+                    if registered.is_none() {
+                        "built"
+                    } else {
+                        "rebuilt"
+                    }
                 );
             }
         }

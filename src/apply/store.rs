@@ -203,10 +203,7 @@ pub async fn write_batch(
                 .get(&change.id.table)
                 .copied()
                 .unwrap_or(OrderKey::ZERO);
-            let horizon = vacuum_horizons
-                .get(&change.id.table)
-                .copied()
-                .unwrap_or(0);
+            let horizon = vacuum_horizons.get(&change.id.table).copied().unwrap_or(0);
             let watermark = effective_watermark(current, watermark, horizon);
             let step = transition(current, watermark, change);
             match step.verdict {

@@ -160,14 +160,10 @@ pub fn find_table<'a>(model: &'a Model, table: &str) -> Result<&'a TableMeta, Re
         Some((schema, name)) => TableName::new(schema, name),
         None => TableName::public(table),
     };
-    model
-        .tables
-        .get(&wanted)
-        .map(|t| &t.meta)
-        .ok_or_else(|| {
-            let known: Vec<String> = model.tables.keys().map(ToString::to_string).collect();
-            ReplayError::UnknownTable(table.to_string(), known.join(", "))
-        })
+    model.tables.get(&wanted).map(|t| &t.meta).ok_or_else(|| {
+        let known: Vec<String> = model.tables.keys().map(ToString::to_string).collect();
+        ReplayError::UnknownTable(table.to_string(), known.join(", "))
+    })
 }
 
 /// Re-sends the rows of `table` matching `filter` as `op` events keyed

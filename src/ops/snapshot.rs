@@ -34,7 +34,10 @@ pub struct ExportedSnapshot {
 
 impl ExportedSnapshot {
     /// Creates a temporary slot named after `purpose` and the process id.
-    pub async fn take(source_url: &str, purpose: &str) -> Result<ExportedSnapshot, ReplicationError> {
+    pub async fn take(
+        source_url: &str,
+        purpose: &str,
+    ) -> Result<ExportedSnapshot, ReplicationError> {
         let mut replication = ReplicationConnection::connect(source_url).await?;
         let slot = format!("tally_{purpose}_{}", std::process::id());
         let rows = replication

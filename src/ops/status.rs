@@ -198,8 +198,7 @@ pub fn render(status: &Status) -> String {
                 slot.name,
                 if slot.active { "active" } else { "inactive" },
                 slot.confirmed_lsn.as_deref().unwrap_or("-"),
-                slot.lag_bytes
-                    .map_or("-".to_string(), |b| b.to_string())
+                slot.lag_bytes.map_or("-".to_string(), |b| b.to_string())
             );
         }
         None => {
@@ -267,9 +266,15 @@ mod tests {
             }],
         };
         let text = render(&status);
-        assert!(text.contains("confirmed 0/16B3748, lag 120 bytes"), "{text}");
+        assert!(
+            text.contains("confirmed 0/16B3748, lag 120 bytes"),
+            "{text}"
+        );
         assert!(text.contains("pending n/a"), "{text}");
-        assert!(text.contains("public.orders: 10 rows, 2 tombstones"), "{text}");
+        assert!(
+            text.contains("public.orders: 10 rows, 2 tombstones"),
+            "{text}"
+        );
         assert!(text.contains("view customer_orders: 5 rows"), "{text}");
         assert!(text.contains("dead letters: 0"), "{text}");
     }

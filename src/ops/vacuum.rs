@@ -174,7 +174,9 @@ mod tests {
     fn nats_backlog_makes_the_horizon_unsafe() {
         assert_eq!(combine(Horizon::Safe(9), None), Horizon::Safe(9));
         assert_eq!(combine(Horizon::Safe(9), Some(0)), Horizon::Safe(9));
-        assert!(matches!(combine(Horizon::Safe(9), Some(3)), Horizon::Unsafe(r) if r.contains("3 messages")));
+        assert!(
+            matches!(combine(Horizon::Safe(9), Some(3)), Horizon::Unsafe(r) if r.contains("3 messages"))
+        );
         assert!(matches!(
             combine(Horizon::Unsafe("x".into()), Some(0)),
             Horizon::Unsafe(r) if r == "x"

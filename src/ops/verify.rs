@@ -317,8 +317,13 @@ async fn ledger_round(
             let mut cols = Vec::with_capacity(chunk.len());
             let mut events: BTreeMap<String, CapturedEvent> = BTreeMap::new();
             for row in chunk {
-                let Some((pk, image)) = decode_row(&row.json, &table_model.meta, &table_model.stored_columns) else {
-                    tracing::warn!("table {table}: a source row with key {:?} does not decode; skipped", row.key);
+                let Some((pk, image)) =
+                    decode_row(&row.json, &table_model.meta, &table_model.stored_columns)
+                else {
+                    tracing::warn!(
+                        "table {table}: a source row with key {:?} does not decode; skipped",
+                        row.key
+                    );
                     continue;
                 };
                 pks.push(pk.clone());
@@ -358,7 +363,11 @@ async fn ledger_round(
                     kind,
                     found_key: commit_lsn.zip(lsn).map(|(c, l)| key_text(c, l)),
                     expected: Some(expected),
-                    found: if kind == LedgerDriftKind::Missing { None } else { found },
+                    found: if kind == LedgerDriftKind::Missing {
+                        None
+                    } else {
+                        found
+                    },
                     snapshot: format_lsn(point),
                     repair_event: events.remove(&pk),
                     pk,
@@ -372,13 +381,14 @@ async fn ledger_round(
             .map_err(ledger_error)?;
         for row in extras {
             let pk: String = row.get(0);
-            let repair_event = delete_event(&table_model.meta, &pk, point).map(|json| CapturedEvent {
-                table: shared_table.clone(),
-                commit_lsn: point,
-                lsn: 0,
-                row_key: pk.clone(),
-                json,
-            });
+            let repair_event =
+                delete_event(&table_model.meta, &pk, point).map(|json| CapturedEvent {
+                    table: shared_table.clone(),
+                    commit_lsn: point,
+                    lsn: 0,
+                    row_key: pk.clone(),
+                    json,
+                });
             differences.push(LedgerDifference {
                 table: table_text.clone(),
                 kind: LedgerDriftKind::Extra,
@@ -398,7 +408,11 @@ async fn ledger_round(
 }
 
 fn key_text(commit_lsn: i64, lsn: i64) -> String {
-    format!("{}/{}", format_lsn(commit_lsn as u64), format_lsn(lsn as u64))
+    format!(
+        "{}/{}",
+        format_lsn(commit_lsn as u64),
+        format_lsn(lsn as u64)
+    )
 }
 
 /// The primary key and kept columns of a rendered source row, decoded
@@ -600,8 +614,14 @@ pub fn render_full(report: &Report, limit: usize) -> String {
         }
     }
     for (title, differences) in [
-        ("views vs their ledger (expected: rebuilt from the ledger):", &report.views_vs_ledger),
-        ("views vs their SELECT on the source:", &report.views_vs_source),
+        (
+            "views vs their ledger (expected: rebuilt from the ledger):",
+            &report.views_vs_ledger,
+        ),
+        (
+            "views vs their SELECT on the source:",
+            &report.views_vs_source,
+        ),
     ] {
         if differences.is_empty() {
             continue;
@@ -628,7 +648,12 @@ pub fn render_full(report: &Report, limit: usize) -> String {
     }
     let count = |kind| report.ledger.iter().filter(|d| d.kind == kind).count();
     if report.drift {
-        let views = |ds: &[Difference]| ds.iter().map(|d| d.view.as_str()).collect::<BTreeSet<_>>().len();
+        let views = |ds: &[Difference]| {
+            ds.iter()
+                .map(|d| d.view.as_str())
+                .collect::<BTreeSet<_>>()
+                .len()
+        };
         let _ = writeln!(
             out,
             "verify: DRIFT: ledger {} missing, {} extra, {} different (of {} source rows in {} tables); views vs ledger {} rows in {} of {} views; views vs source {} rows in {} views",
