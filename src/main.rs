@@ -201,6 +201,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Slot lag, messages waiting in the transport, the last key applied
+    /// per table, dead letters, rows per view.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the status as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild view tables from the ledger, one view per transaction,
     /// locking out only that view's appliers meanwhile.
     Recalc {
@@ -541,7 +550,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config, parallel } => {
-            let (config, source, _target, model) = open(&config.config).await?;
+            let (config, mut source, mut target, model) = open(&config.config).await?;
+            tally::ops::live_views::backfill(
+                &mut source,
+                &config.source_url,
+                &mut target,
+                &config.target_url,
+                &model,
+            )
+            .await?;
             let tables: Vec<_> = model.tables.keys().cloned().collect();
             tally::capture::prepare_source(&source, &config.capture, &tables).await?;
             tally::capture::ensure_slot(&source, &config.source_url, &config.capture.slot).await?;
@@ -771,6 +788,41 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     (None, Some(reason)) => println!("vacuum: {reason}"),
                     (None, None) => {}
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { config, json } => {
+            let (config, source, target, model) = open(&config.config).await?;
+            let transport = match config.transport.kind {
+                TransportKind::Embedded => tally::ops::status::TransportStatus {
+                    kind: "embedded".into(),
+                    pending: None,
+                    ack_pending: None,
+                },
+                TransportKind::Nats => {
+                    let (pending, ack_pending) = NatsTransport::connect(&config.transport)
+                        .await?
+                        .backlog()
+                        .await?;
+                    tally::ops::status::TransportStatus {
+                        kind: "nats".into(),
+                        pending: Some(pending),
+                        ack_pending: Some(ack_pending),
+                    }
+                }
+            };
+            let status = tally::ops::status::collect(
+                &source,
+                &target,
+                &model,
+                &config.capture.slot,
+                transport,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", tally::ops::status::render(&status));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -427,4 +427,79 @@ async fn vacuum_keeps_tombstones_late_events_need_and_reclaims_the_rest() {
         )),
         "{stdout}"
     );
+
+    // status shows the slot, the ledger, the views and the dead letters.
+    let (code, stdout, stderr) = tally_output(&["status", "--config", config, "--json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let status: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        status["slot"]["confirmed_lsn"],
+        confirmed.as_str(),
+        "{status}"
+    );
+    assert_eq!(status["slot"]["active"], false, "{status}");
+    assert!(
+        status["slot"]["lag_bytes"].as_i64().unwrap() >= 0,
+        "{status}"
+    );
+    assert_eq!(status["transport"]["kind"], "embedded");
+    assert_eq!(status["transport"]["pending"], Value::Null);
+    assert_eq!(status["tables"][0]["table"], "public.orders");
+    assert_eq!(status["tables"][0]["tombstones"], 10, "{status}");
+    assert_eq!(status["tables"][0]["rows"], 1990, "{status}");
+    assert_eq!(status["tables"][0]["vacuum_horizon"], confirmed.as_str());
+    assert!(
+        status["tables"][0]["last_applied"]
+            .as_str()
+            .unwrap()
+            .starts_with(&tally::event::format_lsn(late_key)),
+        "{status}"
+    );
+    assert_eq!(status["dead_letters"], 0);
+    assert_eq!(status["views"][0]["view"], "customer_orders");
+    assert_eq!(status["views"][0]["rows"], 50);
+    let (code, stdout, _) = tally_output(&["status", "--config", config]).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("view customer_orders: 50 rows"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn views_added_on_a_running_system_become_correct_without_bootstrap() {
+    let env = TestEnv::new(SCHEMA, ORDERS_VIEWS).await;
+    let config = env.config_path();
+    let config = config.to_str().unwrap();
+    let mut process = running_pipeline(&env).await;
+    let source = env.source().await;
+    wait_for_active_slots(&source, 1).await;
+    let writers = Writers::start(&env.source_url, ORDERS_WRITES, 2);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // Two new views while writes go on: one reads only columns the ledger
+    // holds (built from the ledger), one reads `id`, which it does not
+    // (backfilled through replay).
+    assert!(terminate(&mut process).success());
+    let views = format!(
+        "{ORDERS_VIEWS}
+CREATE MATERIALIZED VIEW cancelled_orders AS
+SELECT cancelled, COUNT(*) AS n, SUM(total) AS total FROM orders GROUP BY cancelled;
+CREATE MATERIALIZED VIEW id_buckets AS
+SELECT id % 10 AS bucket, COUNT(*) AS n, SUM(id) AS ids FROM orders GROUP BY 1;"
+    );
+    std::fs::write(env.dir.path().join("views.sql"), views).unwrap();
+    process = spawn_tally(&["run", "--config", config, "--parallel", "2"]);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    writers.stop().await;
+
+    let model = env.model().await;
+    assert_eq!(model.views().count(), 3);
+    env.wait_until_converged(&model, Duration::from_secs(60))
+        .await;
+    let recorded = env
+        .value("SELECT array_to_string(columns, ',') FROM tally.ledger_columns WHERE tbl = 'public.orders'")
+        .await;
+    assert_eq!(recorded.as_deref(), Some("cancelled,customer,id,total"));
+    let (code, stdout, stderr) = tally_output(&["verify", "--config", config]).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(terminate(&mut process).success());
+    assert_eq!(env.dead_letters().await, 0);
 }

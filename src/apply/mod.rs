@@ -143,6 +143,26 @@ impl Model {
         for (table, model) in &self.tables {
             tx.execute(schema::ENSURE_WATERMARK, &[&table.to_string()])
                 .await?;
+            // Which columns the ledger rows hold: a view that reads more
+            // is built from the ledger now and backfilled through replay
+            // (`ops::live_views`), which records the columns when done.
+            let recorded: Option<Vec<String>> = tx
+                .query_opt(schema::LEDGER_COLUMNS, &[&table.to_string()])
+                .await?
+                .map(|r| r.get(0));
+            let missing = missing_columns(recorded.as_deref(), &model.stored_columns);
+            if missing.is_empty() {
+                tx.execute(
+                    schema::RECORD_LEDGER_COLUMNS,
+                    &[&table.to_string(), &model.stored_columns],
+                )
+                .await?;
+            } else {
+                tracing::warn!(
+                    "the views now read {} of {table}, which the ledger does not hold yet; views are built from the ledger and the table's rows are backfilled through replay",
+                    missing.join(", ")
+                );
+            }
             for view in &model.views {
                 let definition = view.create_sql().join(";\n");
                 let registered: Option<String> = tx
@@ -191,11 +211,63 @@ impl Model {
                     &[&view.name(), &table.to_string(), &definition],
                 )
                 .await?;
-                tracing::info!("view \"{}\" is ready in the target", view.name());
+                tracing::info!(
+                    "view \"{}\" {} in the target from the ledger",
+                    view.name(),
+                    if registered.is_none() {
+                        "built"
+                    } else {
+                        "rebuilt"
+                    }
+                );
+            }
+        }
+        let registered: Vec<String> = tx
+            .query(schema::REGISTERED_VIEWS, &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for name in registered {
+            if !self.views().any(|v| v.name() == name) {
+                tracing::warn!(
+                    "view \"{name}\" is no longer in the views file: Tally stops maintaining it; its table is left in the target (DROP TABLE {} when nobody reads it)",
+                    crate::event::quote_ident(&name)
+                );
             }
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Tables whose ledger rows lack columns the views now read (the views
+    /// file gained a view reading them); see `ops::live_views`.
+    pub async fn tables_to_backfill(&self, target: &Client) -> Result<Vec<TableName>, ApplyError> {
+        let mut out = Vec::new();
+        for (table, model) in &self.tables {
+            let recorded: Option<Vec<String>> = target
+                .query_opt(schema::LEDGER_COLUMNS, &[&table.to_string()])
+                .await?
+                .map(|r| r.get(0));
+            if !missing_columns(recorded.as_deref(), &model.stored_columns).is_empty() {
+                out.push(table.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The columns `needed` that the ledger rows may lack: those not in
+/// `recorded`. Nothing recorded yet (a new table, or a target from before
+/// the record existed) counts as holding what is needed now.
+pub fn missing_columns(recorded: Option<&[String]>, needed: &[String]) -> Vec<String> {
+    match recorded {
+        None => Vec::new(),
+        Some(recorded) => needed
+            .iter()
+            .filter(|c| !recorded.contains(c))
+            .cloned()
+            .collect(),
     }
 }
 

@@ -70,3 +70,9 @@ INSERT INTO tally.views (name, source_table, definition) VALUES ($1, $2, $3)
 ON CONFLICT (name) DO UPDATE SET source_table = EXCLUDED.source_table,
     definition = EXCLUDED.definition, created_at = now()";
 pub const TABLE_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
+
+pub const LEDGER_COLUMNS: &str = "SELECT columns FROM tally.ledger_columns WHERE tbl = $1";
+pub const RECORD_LEDGER_COLUMNS: &str = "
+INSERT INTO tally.ledger_columns (tbl, columns) VALUES ($1, $2)
+ON CONFLICT (tbl) DO UPDATE SET columns = EXCLUDED.columns";
+pub const REGISTERED_VIEWS: &str = "SELECT name FROM tally.views ORDER BY name";

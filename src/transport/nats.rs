@@ -157,12 +157,19 @@ impl NatsTransport {
 
     /// Messages in the stream not yet acknowledged by an applier.
     pub async fn pending(&self) -> Result<u64, TransportError> {
+        let (pending, ack_pending) = self.backlog().await?;
+        Ok(pending + ack_pending)
+    }
+
+    /// The shared consumer's backlog: not yet delivered (`num_pending`) and
+    /// delivered but not acknowledged (`num_ack_pending`).
+    pub async fn backlog(&self) -> Result<(u64, u64), TransportError> {
         let mut consumer = self.consumer().await?;
         let info = consumer
             .info()
             .await
             .map_err(|err| unavailable(&self.url(), "reading consumer info", err))?;
-        Ok(info.num_pending + info.num_ack_pending as u64)
+        Ok((info.num_pending, info.num_ack_pending as u64))
     }
 
     /// `<prefix>.<schema>.<table>`, each name made a valid subject token.
