@@ -1193,7 +1193,7 @@ fn time_client_side(model: &Model, text: &str, batch: usize) -> String {
         let mut truncates = Vec::new();
         for event in &events {
             let table = &model.tables[&event.table];
-            match decode(event, &table.meta, &table.stored_columns) {
+            match decode(event, &table.meta, &table.stored_columns, &table.views) {
                 Ok(Decoded::Rows(rows)) => changes.extend(rows),
                 Ok(Decoded::Truncate(table, key)) => truncates.push((table, key)),
                 Err(_) => {}
