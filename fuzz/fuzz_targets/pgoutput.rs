@@ -9,7 +9,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tally::capture::pgoutput::{PgOutputMessage, Tuple, TupleValue, decode, tuple_to_json, write_tuple_json};
+use tally::capture::pgoutput::{
+    PgOutputMessage, Tuple, TupleValue, decode, tuple_to_json, write_tuple_json,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(message) = decode(data) else {
