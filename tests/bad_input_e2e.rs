@@ -208,14 +208,7 @@ async fn schema_changes_mid_stream_are_named_and_other_views_keep_going() {
     let env = TestEnv::new(SHOP_SCHEMA, SHOP_VIEWS).await;
     let config = env.config_path();
     let config = config.to_str().unwrap();
-    let boot = env.bootstrap();
-    let model = env.model().await;
-    let snapshot: Vec<String> = std::fs::read_to_string(&boot)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    env.apply(&model, &snapshot, 1, 100).await;
+    let model = env.bootstrap_and_apply(1, 100).await;
     let mut process = spawn_tally(&["run", "--config", config]);
     let source = env.source().await;
 

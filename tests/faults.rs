@@ -94,20 +94,6 @@ impl Scenario {
     }
 }
 
-/// Brings the source's existing rows into the target through bootstrap,
-/// as a new installation would, and returns the model.
-async fn bootstrap_into_target(env: &TestEnv) -> std::sync::Arc<Model> {
-    let boot = env.bootstrap();
-    let model = env.model().await;
-    let snapshot: Vec<String> = std::fs::read_to_string(&boot)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    env.apply(&model, &snapshot, 2, 1000).await;
-    model
-}
-
 /// The end of every scenario: the views converge, `tally verify` (the CLI)
 /// exits 0 and no event was dead-lettered. Returns how long convergence
 /// took after the writers stopped.
@@ -182,7 +168,7 @@ async fn embedded_run_survives_random_sigkills() {
     let env = TestEnv::new(ORDERS_SCHEMA, ORDERS_VIEWS).await;
     let config = env.config_path();
     let config = config.to_str().unwrap();
-    let model = bootstrap_into_target(&env).await;
+    let model = env.bootstrap_and_apply(2, 1000).await;
     let mut rng = StdRng::seed_from_u64(seed(1));
 
     let mut process = run(config);
@@ -224,7 +210,7 @@ async fn nats_pipeline_survives_random_sigkills_of_capture_and_appliers() {
     env.use_nats(&nats.url());
     let config = env.config_path();
     let config = config.to_str().unwrap();
-    let model = bootstrap_into_target(&env).await;
+    let model = env.bootstrap_and_apply(2, 1000).await;
     let mut rng = StdRng::seed_from_u64(seed(2));
 
     let mut capture_process = capture(config);
@@ -288,7 +274,7 @@ async fn target_restart_under_load() {
         TestEnv::with_separate_target(ORDERS_SCHEMA, ORDERS_VIEWS).await;
     let config = env.config_path();
     let config = config.to_str().unwrap();
-    let model = bootstrap_into_target(&env).await;
+    let model = env.bootstrap_and_apply(2, 1000).await;
 
     let mut process = run(config);
     let writers = Writers::start(&env.source_url, ORDERS_WRITES, 3);
@@ -332,7 +318,7 @@ async fn nats_server_restart_and_sigstop_longer_than_ack_wait() {
     env.use_nats(&nats.url());
     let config = env.config_path();
     let config = config.to_str().unwrap();
-    let model = bootstrap_into_target(&env).await;
+    let model = env.bootstrap_and_apply(2, 1000).await;
 
     let mut capture_process = capture(config);
     let mut appliers: Vec<Spawned> = (0..2).map(|_| applier(config)).collect();
@@ -388,7 +374,7 @@ async fn applier_sigstopped_past_ack_wait_is_covered_by_another() {
     env.use_nats(&nats.url());
     let config = env.config_path();
     let config = config.to_str().unwrap();
-    let model = bootstrap_into_target(&env).await;
+    let model = env.bootstrap_and_apply(2, 1000).await;
 
     let mut capture_process = capture(config);
     let mut appliers: Vec<Spawned> = (0..2).map(|_| applier(config)).collect();
@@ -438,7 +424,7 @@ async fn nats_appliers_wait_out_a_target_refusing_connections_for_10_s() {
     env.use_nats(&nats.url());
     let config = env.config_path();
     let config = config.to_str().unwrap();
-    let model = bootstrap_into_target(&env).await;
+    let model = env.bootstrap_and_apply(2, 1000).await;
 
     let mut capture_process = capture(config);
     let mut appliers: Vec<Spawned> = (0..2).map(|_| applier(config)).collect();

@@ -18,14 +18,7 @@ async fn run_survives_sigkill_and_converges() {
     let config = env.config_path();
     let config = config.to_str().unwrap();
     // Existing rows come in through bootstrap, then `run` streams.
-    let boot = env.bootstrap();
-    let model = env.model().await;
-    let snapshot: Vec<String> = std::fs::read_to_string(&boot)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    env.apply(&model, &snapshot, 2, 1000).await;
+    let model = env.bootstrap_and_apply(2, 1000).await;
 
     let mut process = run(config);
     let writers = Writers::start(&env.source_url, ORDERS_WRITES, 3);

@@ -107,6 +107,21 @@ impl TestEnv {
         boot
     }
 
+    /// Brings the rows that exist now into the target as a new installation
+    /// would: [`bootstrap`](Self::bootstrap), then applied with `parallel`
+    /// appliers in batches of `batch`. Returns the model.
+    pub async fn bootstrap_and_apply(&self, parallel: usize, batch: usize) -> Arc<Model> {
+        let boot = self.bootstrap();
+        let model = self.model().await;
+        let snapshot: Vec<String> = std::fs::read_to_string(&boot)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        self.apply(&model, &snapshot, parallel, batch).await;
+        model
+    }
+
     pub async fn source(&self) -> Client {
         tally::db::connect(&self.source_url).await.unwrap()
     }
