@@ -90,6 +90,62 @@ END $$;
 CREATE TRIGGER keep_customer_balance AFTER INSERT OR UPDATE OR DELETE ON accounts
 FOR EACH ROW EXECUTE FUNCTION keep_customer_balance();";
 
+/// The global total as well (the demo's second view): one row that every
+/// writing transaction updates.
+const GLOBAL_VIEW: &str = "
+CREATE MATERIALIZED VIEW account_total AS
+SELECT SUM(balance) AS balance, COUNT(*) AS accounts FROM accounts;";
+
+/// The trigger that keeps the global total, for the same shape.
+const GLOBAL_TRIGGER: &str = "
+CREATE TABLE account_total_sync (balance numeric(14,2) NOT NULL, accounts bigint NOT NULL);
+INSERT INTO account_total_sync SELECT SUM(balance), COUNT(*) FROM accounts;
+CREATE FUNCTION keep_account_total() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE account_total_sync SET
+        balance = balance
+            + CASE WHEN TG_OP IN ('INSERT', 'UPDATE') THEN NEW.balance ELSE 0 END
+            - CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN OLD.balance ELSE 0 END,
+        accounts = accounts
+            + CASE TG_OP WHEN 'INSERT' THEN 1 WHEN 'DELETE' THEN -1 ELSE 0 END;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER keep_account_total AFTER INSERT OR UPDATE OR DELETE ON accounts
+FOR EACH ROW EXECUTE FUNCTION keep_account_total();";
+
+/// Which aggregates the source-overhead runs keep.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// The balance per customer: 100 groups, writers rarely meet.
+    PerCustomer,
+    /// That and the global total, as in the demo: every writer changes
+    /// the one total row.
+    WithGlobal,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::PerCustomer => "per customer",
+            Shape::WithGlobal => "per customer + global total",
+        }
+    }
+
+    fn views(self) -> String {
+        match self {
+            Shape::PerCustomer => ACCOUNT_VIEWS.to_string(),
+            Shape::WithGlobal => format!("{ACCOUNT_VIEWS}\n{GLOBAL_VIEW}"),
+        }
+    }
+
+    fn triggers(self) -> String {
+        match self {
+            Shape::PerCustomer => TRIGGER.to_string(),
+            Shape::WithGlobal => format!("{TRIGGER}\n{GLOBAL_TRIGGER}"),
+        }
+    }
+}
+
 const WRITE: &str = "UPDATE accounts SET balance = balance + 1 WHERE id = $1";
 
 struct Settings {
@@ -135,7 +191,8 @@ impl Settings {
     }
 }
 
-fn start_cluster() -> Result<PgCluster> {
+/// A private cluster whose processes run on `cpus` (any when empty).
+fn start_cluster(cpus: Vec<usize>) -> Result<PgCluster> {
     Ok(PgCluster::start_with(ClusterOptions {
         fsync: true,
         extra_settings: vec![
@@ -143,6 +200,7 @@ fn start_cluster() -> Result<PgCluster> {
             ("shared_buffers".into(), "512MB".into()),
             ("max_wal_size".into(), "4GB".into()),
         ],
+        cpus,
         ..ClusterOptions::default()
     })?)
 }
@@ -191,9 +249,15 @@ struct Pair {
 }
 
 impl Pair {
-    async fn new(cluster: &PgCluster, name: &str, schema: &str, views: &str) -> Result<Pair> {
-        let source_url = cluster.create_database(&format!("{name}_source"))?;
-        let target_url = cluster.create_database(&format!("{name}_target"))?;
+    async fn new(
+        source: &PgCluster,
+        target: &PgCluster,
+        name: &str,
+        schema: &str,
+        views: &str,
+    ) -> Result<Pair> {
+        let source_url = source.create_database(&format!("{name}_source"))?;
+        let target_url = target.create_database(&format!("{name}_target"))?;
         tally::db::connect(&source_url)
             .await?
             .batch_execute(schema)
@@ -342,7 +406,7 @@ async fn read_side_and_bootstrap(
     cluster: &PgCluster,
     settings: &Settings,
 ) -> Result<(ReadSide, Bootstrap)> {
-    let pair = Pair::new(cluster, "reads", INVOICES, INVOICE_VIEWS).await?;
+    let pair = Pair::new(cluster, cluster, "reads", INVOICES, INVOICE_VIEWS).await?;
     let source = tally::db::connect(&pair.source_url).await?;
     eprintln!("read side: loading {} invoices…", settings.rows);
     let began = Instant::now();
@@ -479,16 +543,131 @@ impl Aggregation {
     }
 }
 
-/// Closed-loop writers for `seconds`: transactions committed per second.
-async fn write_load(url: &str, writers: usize, seconds: f64) -> Result<f64> {
+/// Where a source-overhead run puts its processes.
+#[derive(Clone)]
+struct Layout {
+    name: &'static str,
+    /// CPUs of the source cluster and its writers (empty: any).
+    source_cpus: Vec<usize>,
+    /// CPUs of `tally run` and the target cluster (empty: any).
+    tally_cpus: Vec<usize>,
+}
+
+impl Layout {
+    /// `split`: the source side on the first half of this process's CPUs,
+    /// Tally and its target on the other half, as on two machines (what
+    /// the source pays for capture is then its walsender alone); `shared`:
+    /// everything on every CPU, as on one box. `split` needs two CPUs.
+    fn all() -> Result<Vec<Layout>> {
+        let cpus = tally::cpu::allowed_cpus()?;
+        let mut layouts = Vec::new();
+        if cpus.len() >= 2 {
+            let (source, tally) = cpus.split_at(cpus.len() / 2);
+            layouts.push(Layout {
+                name: "split",
+                source_cpus: source.to_vec(),
+                tally_cpus: tally.to_vec(),
+            });
+        } else {
+            eprintln!("source overhead: one CPU only, so no split layout");
+        }
+        layouts.push(Layout {
+            name: "shared",
+            source_cpus: Vec::new(),
+            tally_cpus: Vec::new(),
+        });
+        Ok(layouts)
+    }
+
+    fn describe(cpus: &[usize]) -> String {
+        if cpus.is_empty() {
+            "any".into()
+        } else {
+            tally::cpu::describe(cpus)
+        }
+    }
+}
+
+/// What one source-overhead run measured.
+#[derive(Clone, Copy, Default)]
+struct OverheadRun {
+    tx_per_s: f64,
+    /// CPU time of the source cluster per committed transaction, during
+    /// the write window (backends, walsender, WAL writer, checkpointer).
+    source_cpu_us_per_tx: f64,
+    /// The walsender's part of it: what capture costs the source.
+    walsender_cpu_us_per_tx: f64,
+    /// CPU time of `tally run`, and of the target cluster, per transaction,
+    /// from the start of the load until Tally had caught up.
+    tally_run_cpu_us_per_tx: f64,
+    target_cpu_us_per_tx: f64,
+}
+
+/// The write window of one run.
+struct Window {
+    transactions: u64,
+    seconds: f64,
+    /// CPU seconds the source cluster, and its walsenders, used in it.
+    source_cpu: f64,
+    walsender_cpu: f64,
+}
+
+/// Closed-loop writers for `seconds`, on one thread pinned to `cpus` (any
+/// when empty), and what the source used meanwhile.
+fn write_load(
+    url: &str,
+    writers: usize,
+    seconds: f64,
+    cpus: &[usize],
+    source: &PgCluster,
+) -> Result<Window> {
+    let url = url.to_string();
+    let cpus = cpus.to_vec();
+    let cpu = || -> Result<(f64, f64)> {
+        Ok((
+            source.cpu_seconds().context("CPU time of the source")?,
+            source
+                .cpu_seconds_of("walsender")
+                .context("CPU time of the walsender")?,
+        ))
+    };
+    let before = cpu()?;
+    let (count, elapsed) = std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                if !cpus.is_empty() {
+                    tally::cpu::pin_current_thread(&cpus)?;
+                }
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(closed_loop(&url, writers, seconds))
+            })
+            .join()
+            .map_err(|_| anyhow!("the writer thread panicked"))?
+    })?;
+    let after = cpu()?;
+    Ok(Window {
+        transactions: count,
+        seconds: elapsed,
+        source_cpu: after.0 - before.0,
+        walsender_cpu: after.1 - before.1,
+    })
+}
+
+async fn closed_loop(url: &str, writers: usize, seconds: f64) -> Result<(u64, f64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..writers {
+        let client = tally::db::connect(url).await?;
+        let statement = client.prepare(WRITE).await?;
+        clients.push((client, statement));
+    }
     let mut tasks = Vec::new();
-    for w in 0..writers {
-        let (url, stop, done) = (url.to_string(), stop.clone(), done.clone());
+    for (w, (client, statement)) in clients.into_iter().enumerate() {
+        let (stop, done) = (stop.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
-            let client = tally::db::connect(&url).await?;
-            let statement = client.prepare(WRITE).await?;
             let mut id = w as i64 * 1_237 % 10_000;
             while !stop.load(Ordering::Relaxed) {
                 id = id * 48_271 % 10_007 % 10_000 + 1;
@@ -506,57 +685,115 @@ async fn write_load(url: &str, writers: usize, seconds: f64) -> Result<f64> {
     for task in tasks {
         task.await??;
     }
-    Ok(count as f64 / elapsed)
+    Ok((count, elapsed))
 }
 
 struct Overhead {
     writers: usize,
     seconds: f64,
-    /// (aggregation, mean tx/s, tx/s of each round)
-    rates: Vec<(Aggregation, f64, Vec<f64>)>,
+    scenarios: Vec<Scenario>,
 }
 
-async fn source_overhead(cluster: &PgCluster, settings: &Settings) -> Result<Overhead> {
+/// The three aggregations' runs for one layout and shape.
+struct Scenario {
+    layout: Layout,
+    shape: Shape,
+    /// (aggregation, the mean over rounds, each round)
+    runs: Vec<(Aggregation, OverheadRun, Vec<OverheadRun>)>,
+}
+
+fn mean(runs: &[OverheadRun]) -> OverheadRun {
+    let n = runs.len().max(1) as f64;
+    let sum = |f: fn(&OverheadRun) -> f64| runs.iter().map(f).sum::<f64>() / n;
+    OverheadRun {
+        tx_per_s: sum(|r| r.tx_per_s),
+        source_cpu_us_per_tx: sum(|r| r.source_cpu_us_per_tx),
+        walsender_cpu_us_per_tx: sum(|r| r.walsender_cpu_us_per_tx),
+        tally_run_cpu_us_per_tx: sum(|r| r.tally_run_cpu_us_per_tx),
+        target_cpu_us_per_tx: sum(|r| r.target_cpu_us_per_tx),
+    }
+}
+
+async fn source_overhead(settings: &Settings) -> Result<Overhead> {
     let all = [Aggregation::None, Aggregation::Trigger, Aggregation::Tally];
-    let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
-    for round in 0..settings.overhead_rounds.max(1) {
-        for step in 0..all.len() {
-            let index = (step + round) % all.len();
-            let name = format!("overhead_{round}_{index}");
-            let rate = overhead_run(cluster, settings, all[index], &name).await?;
-            eprintln!(
-                "  round {}: {}: {rate:.0} tx/s",
-                round + 1,
-                all[index].name()
-            );
-            rounds[index].push(rate);
+    let mut scenarios = Vec::new();
+    for layout in Layout::all()? {
+        eprintln!(
+            "source overhead, {} layout: source and writers on CPUs {}, Tally and target on CPUs {}",
+            layout.name,
+            Layout::describe(&layout.source_cpus),
+            Layout::describe(&layout.tally_cpus)
+        );
+        // Source and target in clusters of their own, as in a deployment.
+        let (source_cpus, tally_cpus) = (layout.source_cpus.clone(), layout.tally_cpus.clone());
+        let source = tokio::task::spawn_blocking(move || start_cluster(source_cpus)).await??;
+        let target = tokio::task::spawn_blocking(move || start_cluster(tally_cpus)).await??;
+        for shape in [Shape::PerCustomer, Shape::WithGlobal] {
+            eprintln!("  {}:", shape.name());
+            let mut rounds: Vec<Vec<OverheadRun>> = vec![Vec::new(); all.len()];
+            for round in 0..settings.overhead_rounds.max(1) {
+                for step in 0..all.len() {
+                    let index = (step + round) % all.len();
+                    let name = format!("overhead_{}_{}_{round}_{index}", layout.name, shape as u8);
+                    let run = overhead_run(
+                        &source, &target, &layout, shape, settings, all[index], &name,
+                    )
+                    .await?;
+                    eprintln!(
+                        "    round {}: {}: {:.0} tx/s; CPU µs per tx: source {:.0} (walsender {:.0}), tally run {:.0}, target {:.0}",
+                        round + 1,
+                        all[index].name(),
+                        run.tx_per_s,
+                        run.source_cpu_us_per_tx,
+                        run.walsender_cpu_us_per_tx,
+                        run.tally_run_cpu_us_per_tx,
+                        run.target_cpu_us_per_tx
+                    );
+                    rounds[index].push(run);
+                }
+            }
+            scenarios.push(Scenario {
+                layout: layout.clone(),
+                shape,
+                runs: all
+                    .into_iter()
+                    .zip(rounds)
+                    .map(|(a, r)| (a, mean(&r), r))
+                    .collect(),
+            });
         }
     }
     Ok(Overhead {
         writers: settings.overhead_writers,
         seconds: settings.overhead_seconds,
-        rates: all
-            .into_iter()
-            .zip(rounds)
-            .map(|(a, r)| (a, r.iter().sum::<f64>() / r.len() as f64, r))
-            .collect(),
+        scenarios,
     })
 }
 
 /// One source-overhead run in fresh databases named after `name` (also the
-/// slot's name): transactions per second with `aggregation` in place.
+/// slot's name), with `aggregation` in place.
 async fn overhead_run(
-    cluster: &PgCluster,
+    source_cluster: &PgCluster,
+    target_cluster: &PgCluster,
+    layout: &Layout,
+    shape: Shape,
     settings: &Settings,
     aggregation: Aggregation,
     name: &str,
-) -> Result<f64> {
-    let pair = Pair::new(cluster, name, ACCOUNTS, ACCOUNT_VIEWS).await?;
+) -> Result<OverheadRun> {
+    let pair = Pair::new(
+        source_cluster,
+        target_cluster,
+        name,
+        ACCOUNTS,
+        &shape.views(),
+    )
+    .await?;
     let source = tally::db::connect(&pair.source_url).await?;
     let mut process = None;
     match aggregation {
         Aggregation::None => {}
-        Aggregation::Trigger => source.batch_execute(TRIGGER).await?,
+        Aggregation::Trigger => source.batch_execute(&shape.triggers()).await?,
         Aggregation::Tally => {
             // The existing accounts reach the view through bootstrap.
             let boot = pair.path("boot.jsonl");
@@ -571,7 +808,9 @@ async fn overhead_run(
                 &pair.path("boot.state"),
             ])?;
             run_tally(&["apply", "--config", &config, "--input", &boot])?;
-            process = Some(tally(&["run", "--config", &config, "--parallel", "2"]).spawn()?);
+            let mut command = tally(&["run", "--config", &config, "--parallel", "2"]);
+            tally::cpu::pin_command(&mut command, &layout.tally_cpus)?;
+            process = Some(command.spawn()?);
             wait_until(Duration::from_secs(30), || async {
                 Ok(source
                     .query_opt("SELECT 1 FROM pg_replication_slots WHERE active", &[])
@@ -581,12 +820,34 @@ async fn overhead_run(
             .await?;
         }
     }
-    let rate = write_load(
-        &pair.source_url,
-        settings.overhead_writers,
-        settings.overhead_seconds,
-    )
-    .await?;
+    let tally_cpu = |process: &Child| -> Result<(f64, f64)> {
+        Ok((
+            tally::cpu::process_cpu_seconds(process.id(), false)
+                .context("CPU time of tally run")?,
+            target_cluster
+                .cpu_seconds()
+                .context("CPU time of the target")?,
+        ))
+    };
+    // Every run starts right after a checkpoint, so that none pays for one
+    // (and its full-page writes) that another was spared.
+    for cluster in [source_cluster, target_cluster] {
+        tally::db::connect(&cluster.url("postgres"))
+            .await?
+            .batch_execute("CHECKPOINT")
+            .await?;
+    }
+    let tally_before = process.as_ref().map(tally_cpu).transpose()?;
+    let window = tokio::task::block_in_place(|| {
+        write_load(
+            &pair.source_url,
+            settings.overhead_writers,
+            settings.overhead_seconds,
+            &layout.source_cpus,
+            source_cluster,
+        )
+    })?;
+    let mut tally_cpu_seconds = (0.0, 0.0);
     if let Some(mut process) = process {
         // Tally must have kept up exactly: wait until caught up, check.
         let end: String = source
@@ -603,6 +864,8 @@ async fn overhead_run(
                 .get(0))
         })
         .await?;
+        let (after, before) = (tally_cpu(&process)?, tally_before.unwrap_or_default());
+        tally_cpu_seconds = (after.0 - before.0, after.1 - before.1);
         pair.check().await?;
         terminate(&mut process)?;
         pair.drop_slot(name).await?;
@@ -621,8 +884,25 @@ async fn overhead_run(
             drift == 0,
             "the trigger's aggregate drifted on {drift} rows"
         );
+        if shape == Shape::WithGlobal {
+            let exact: bool = source
+                .query_one(
+                    "SELECT (SELECT balance FROM account_total_sync) = (SELECT SUM(balance) FROM accounts)",
+                    &[],
+                )
+                .await?
+                .get(0);
+            ensure!(exact, "the trigger's global total drifted");
+        }
     }
-    Ok(rate)
+    let per_tx = |cpu: f64| cpu * 1e6 / window.transactions.max(1) as f64;
+    Ok(OverheadRun {
+        tx_per_s: window.transactions as f64 / window.seconds,
+        source_cpu_us_per_tx: per_tx(window.source_cpu),
+        walsender_cpu_us_per_tx: per_tx(window.walsender_cpu),
+        tally_run_cpu_us_per_tx: per_tx(tally_cpu_seconds.0),
+        target_cpu_us_per_tx: per_tx(tally_cpu_seconds.1),
+    })
 }
 
 // ---------------------------------------------------------------- memory
@@ -638,7 +918,7 @@ struct Memory {
 /// while its memory is read; its views are checked at the end.
 async fn memory(cluster: &PgCluster, settings: &Settings) -> Result<Memory> {
     eprintln!("memory: {} changes through tally run…", settings.changes);
-    let pair = Pair::new(cluster, "memory", INVOICES, INVOICE_VIEWS).await?;
+    let pair = Pair::new(cluster, cluster, "memory", INVOICES, INVOICE_VIEWS).await?;
     let source = tally::db::connect(&pair.source_url).await?;
     let config = pair.config();
     let mut process = tally(&["run", "--config", &config, "--parallel", "2"]).spawn()?;
@@ -739,24 +1019,67 @@ fn report(
     let _ = writeln!(out, "\n### Source overhead\n");
     let _ = writeln!(
         out,
-        "{} closed-loop writer connections, each transaction one `UPDATE` of one of 10,000 account rows (100 customers), {} s per run, the three configurations in rotated order each round, all on one 2-core machine (Tally's capture and apply and its target share it); the trigger's aggregate and Tally's view were checked exact afterwards.\n",
+        "{} closed-loop writer connections (one thread), each transaction one `UPDATE` of one of 10,000 account rows (100 customers), {} s per run, the three configurations in rotated order each round, each run right after a `CHECKPOINT`; source and target in clusters of their own; the trigger's aggregates and Tally's views were checked exact after every run. CPU time is user + system of every process of the cluster (and of `tally run`), per committed source transaction.\n",
         overhead.writers, overhead.seconds
     );
-    let none = overhead.rates[0].1;
     let _ = writeln!(
         out,
-        "| aggregation | tx/s (mean) | each round | vs no aggregation |"
+        "Two shapes of aggregate: **per customer** (`SUM(balance), COUNT(*) … GROUP BY customer_id`, 100 groups, so writers rarely touch the same aggregate row) and **per customer + global total** (the demo's two views; the trigger then updates the one total row in every transaction, holding its lock until commit).\n"
     );
-    let _ = writeln!(out, "|---|--:|--:|--:|");
-    for (aggregation, rate, rounds) in &overhead.rates {
-        let each: Vec<String> = rounds.iter().map(|r| format!("{r:.0}")).collect();
-        let _ = writeln!(
-            out,
-            "| {} | {rate:.0} | {} | {:.2} |",
-            aggregation.name(),
-            each.join(", "),
-            rate / none
-        );
+    let mut seen = Vec::new();
+    for scenario in &overhead.scenarios {
+        let layout = &scenario.layout;
+        if seen.contains(&layout.name) {
+            continue;
+        }
+        seen.push(layout.name);
+        let _ = match layout.name {
+            "split" => writeln!(
+                out,
+                "- **split** layout: the source cluster and its writers on CPU {}, `tally run` and the target cluster on CPU {}, as on two machines. What Tally costs the source is then what runs on the source's own CPU: its walsender decoding the WAL.",
+                Layout::describe(&layout.source_cpus),
+                Layout::describe(&layout.tally_cpus)
+            ),
+            _ => writeln!(
+                out,
+                "- **shared** layout: everything on every CPU, as on one box: Tally's own work (capture, apply, the target) then competes with the source for the same cores."
+            ),
+        };
+    }
+    let _ = writeln!(
+        out,
+        "\n| layout | aggregates | aggregation | tx/s (mean) | each round | vs no aggregation | source CPU µs per tx | of which walsender | `tally run` CPU µs per tx | target CPU µs per tx |"
+    );
+    let _ = writeln!(out, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|");
+    for scenario in &overhead.scenarios {
+        let none = scenario.runs[0].1.tx_per_s;
+        for (aggregation, run, rounds) in &scenario.runs {
+            let tally_only = |us: f64| {
+                if *aggregation == Aggregation::Tally {
+                    format!("{us:.1}")
+                } else {
+                    "-".to_string()
+                }
+            };
+            let each: Vec<String> = rounds
+                .iter()
+                .map(|r| format!("{:.0}", r.tx_per_s))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {} | {:.2} | {:.1} | {} | {} | {} |",
+                scenario.layout.name,
+                scenario.shape.name(),
+                aggregation.name(),
+                run.tx_per_s,
+                each.join(", "),
+                run.tx_per_s / none,
+                run.source_cpu_us_per_tx,
+                tally_only(run.walsender_cpu_us_per_tx),
+                tally_only(run.tally_run_cpu_us_per_tx),
+                tally_only(run.target_cpu_us_per_tx),
+            );
+        }
     }
     let _ = writeln!(out, "\n### Bootstrap\n");
     let _ = writeln!(
@@ -800,9 +1123,19 @@ fn to_json(
                 "read": what, "p50_ms": t.p50, "mean_ms": t.mean, "runs": t.runs
             })).collect::<Vec<_>>(),
         },
-        "source_overhead": overhead.rates.iter().map(|(a, rate, rounds)| json!({
-            "aggregation": a.name(), "tx_per_s": rate, "rounds": rounds
-        })).collect::<Vec<_>>(),
+        "source_overhead": overhead.scenarios.iter().flat_map(|l| l.runs.iter().map(|(a, run, rounds)| json!({
+            "layout": l.layout.name,
+            "shape": l.shape.name(),
+            "source_cpus": Layout::describe(&l.layout.source_cpus),
+            "tally_cpus": Layout::describe(&l.layout.tally_cpus),
+            "aggregation": a.name(),
+            "tx_per_s": run.tx_per_s,
+            "source_cpu_us_per_tx": run.source_cpu_us_per_tx,
+            "walsender_cpu_us_per_tx": run.walsender_cpu_us_per_tx,
+            "tally_run_cpu_us_per_tx": run.tally_run_cpu_us_per_tx,
+            "target_cpu_us_per_tx": run.target_cpu_us_per_tx,
+            "rounds": rounds.iter().map(|r| r.tx_per_s).collect::<Vec<_>>(),
+        }))).collect::<Vec<_>>(),
         "bootstrap": {
             "rows": boot.rows, "seconds": boot.seconds, "apply_seconds": boot.apply_seconds
         },
@@ -815,13 +1148,13 @@ fn to_json(
 #[tokio::main]
 async fn main() -> Result<()> {
     let settings = Settings::load()?;
-    let cluster = tokio::task::spawn_blocking(start_cluster).await??;
+    let cluster = tokio::task::spawn_blocking(|| start_cluster(Vec::new())).await??;
     let version: String = tally::db::connect(&cluster.url("postgres"))
         .await?
         .query_one("SHOW server_version", &[])
         .await?
         .get(0);
-    let overhead = source_overhead(&cluster, &settings).await?;
+    let overhead = source_overhead(&settings).await?;
     let memory = memory(&cluster, &settings).await?;
     let (reads, boot) = read_side_and_bootstrap(&cluster, &settings).await?;
     print!("{}", report(&version, &reads, &boot, &overhead, &memory));

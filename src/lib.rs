@@ -6,6 +6,7 @@ pub mod apply;
 pub mod capture;
 pub mod catalog;
 pub mod config;
+pub mod cpu;
 pub mod db;
 pub mod demo;
 pub mod event;

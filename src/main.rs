@@ -334,8 +334,8 @@ async fn subscriptions(
 fn consume_options(config: &Config, batch_size: usize) -> ConsumeOptions {
     ConsumeOptions {
         batch_size,
+        linger: std::time::Duration::from_millis(config.apply.linger_ms),
         max_deliveries: config.transport.max_deliveries,
-        ..ConsumeOptions::default()
     }
 }
 

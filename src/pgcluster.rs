@@ -166,6 +166,9 @@ pub struct ClusterOptions {
     /// Leave the directory in place when the cluster is dropped (to look at
     /// the log or data afterwards). The server is stopped all the same.
     pub keep_dir: bool,
+    /// The CPUs the server's processes may run on (empty: any). Benchmarks
+    /// give the source and the target different cores, as two machines.
+    pub cpus: Vec<usize>,
 }
 
 /// A private PostgreSQL cluster in a temporary directory, on its own port.
@@ -338,9 +341,37 @@ impl PgCluster {
     }
 
     /// The postmaster's pid while the server runs.
-    #[cfg(test)]
-    fn postmaster_pid(&self) -> Option<u32> {
+    pub fn postmaster_pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// CPU seconds the server has used so far: the postmaster, its running
+    /// processes and those that have exited. Benchmarks take the difference
+    /// over a run to see what a workload cost this server.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let postmaster = self.postmaster_pid()?;
+        let running: f64 = child_pids(postmaster)
+            .into_iter()
+            .filter_map(|pid| crate::cpu::process_cpu_seconds(pid, false))
+            .sum();
+        Some(crate::cpu::process_cpu_seconds(postmaster, true)? + running)
+    }
+
+    /// CPU seconds of the server's running processes whose title holds
+    /// `title` (`walsender`, `checkpointer`, a database's name): the part of
+    /// [`cpu_seconds`](Self::cpu_seconds) one kind of process used.
+    pub fn cpu_seconds_of(&self, title: &str) -> Option<f64> {
+        let postmaster = self.postmaster_pid()?;
+        Some(
+            child_pids(postmaster)
+                .into_iter()
+                .filter(|pid| {
+                    fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(title))
+                })
+                .filter_map(|pid| crate::cpu::process_cpu_seconds(pid, false))
+                .sum(),
+        )
     }
 
     fn set_live_pid(&self, pid: Option<u32>) {
@@ -493,6 +524,10 @@ impl PgCluster {
             .try_clone()
             .map_err(io_err(format!("opening {}", self.log.display())))?;
         let mut command = self.command(&self.bins.postgres);
+        crate::cpu::pin_command(&mut command, &self.options.cpus).map_err(io_err(format!(
+            "pinning the server to CPUs {:?}",
+            self.options.cpus
+        )))?;
         command
             .arg("-D")
             .arg(&self.data)
@@ -733,11 +768,9 @@ fn child_pids(parent: u32) -> Vec<u32> {
 
 /// State letter and parent pid from `/proc/PID/stat`.
 fn proc_stat(pid: u32) -> Option<(char, u32)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...", where comm may hold spaces and parentheses.
-    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
+    let fields = crate::cpu::proc_stat_fields(pid)?;
+    let state = fields.first()?.chars().next()?;
+    let ppid = fields.get(1)?.parse().ok()?;
     Some((state, ppid))
 }
 
@@ -1453,7 +1486,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn options_fsync_extra_settings_and_keep_dir() {
+    async fn options_fsync_extra_settings_keep_dir_and_cpus() {
+        let last_cpu = *crate::cpu::allowed_cpus().unwrap().last().unwrap();
         let cluster = started(ClusterOptions {
             fsync: true,
             extra_settings: vec![
@@ -1461,11 +1495,42 @@ mod tests {
                 ("application_name".into(), "it's \\ fine".into()),
             ],
             keep_dir: true,
+            cpus: vec![last_cpu],
         });
         let client = crate::db::connect(&cluster.url("postgres")).await.unwrap();
         assert_eq!(show(&client, "fsync").await, "on");
         assert_eq!(show(&client, "full_page_writes").await, "on");
         assert_eq!(show(&client, "work_mem").await, "8MB");
+        // The postmaster and the backends it forks run on the given CPU only.
+        let backend: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        for pid in [cluster.postmaster_pid().unwrap(), backend as u32] {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap();
+            assert_eq!(allowed.trim(), last_cpu.to_string(), "pid {pid}");
+        }
+        // Its CPU time counts the work of its backends.
+        let before = cluster.cpu_seconds().unwrap();
+        client
+            .batch_execute("SELECT count(*) FROM generate_series(1, 3000000)")
+            .await
+            .unwrap();
+        let after = cluster.cpu_seconds().unwrap();
+        assert!(after - before >= 0.05, "{before} -> {after}");
+        // The backend's title names its user and database.
+        assert!(
+            cluster
+                .cpu_seconds_of(&format!("{SUPERUSER} postgres"))
+                .unwrap()
+                >= 0.05
+        );
+        assert_eq!(cluster.cpu_seconds_of("walsender"), Some(0.0));
         drop(client);
         let root = cluster.root.clone();
         let pid = cluster.postmaster_pid().unwrap();

@@ -219,12 +219,15 @@ impl Settle for EmbeddedSettle {
 }
 
 impl Subscription for EmbeddedSubscription {
-    /// Takes what is ready, without lingering: capture already hands over
-    /// batches as big as the appliers' pace allows.
+    /// Takes what is ready; then, while the batch is short of `max`, waits
+    /// up to `linger` for more. Capture hands over each transaction as soon
+    /// as there is room, so without the wait a busy source would be applied
+    /// in many tiny target transactions, each paying for its own statements
+    /// and commit.
     async fn next_batch(
         &mut self,
         max: usize,
-        _linger: Duration,
+        linger: Duration,
     ) -> Result<Option<Vec<Delivery>>, TransportError> {
         let shared = &self.shared;
         let mut inbox = shared.inbox.lock().await;
@@ -246,6 +249,7 @@ impl Subscription for EmbeddedSubscription {
                 }
             }
             if !out.is_empty() {
+                self.linger(&mut inbox, &mut out, max, linger).await;
                 return Ok(Some(out));
             }
             if inbox.closed && shared.outstanding.load(Ordering::SeqCst) == 0 {
@@ -272,6 +276,34 @@ impl Subscription for EmbeddedSubscription {
 }
 
 impl EmbeddedSubscription {
+    /// Adds what arrives within `linger` to `out`, up to `max`.
+    async fn linger(
+        &self,
+        inbox: &mut Inbox,
+        out: &mut Vec<Delivery>,
+        max: usize,
+        linger: Duration,
+    ) {
+        let deadline = tokio::time::Instant::now() + linger;
+        let Inbox {
+            batches,
+            retries,
+            closed,
+        } = inbox;
+        while out.len() < max && !*closed {
+            tokio::select! {
+                batch = batches.recv() => match batch {
+                    Some(batch) => self.take_batch(batch, out),
+                    None => *closed = true,
+                },
+                retry = retries.recv() => if let Some(retry) = retry {
+                    out.push(self.shared.deliver(retry.payload, retry.delivered, retry.ticket));
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+    }
+
     fn take_batch(&self, batch: Batch, out: &mut Vec<Delivery>) {
         if batch.messages.is_empty() {
             self.shared.batch_acknowledged(batch.sequence);
@@ -351,5 +383,57 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_lingers_for_what_arrives_soon_and_no_longer() {
+        let (mut publisher, mut subscription) = channel(4, 100);
+        publisher.publish(event(1)).await.unwrap();
+        publisher.flush().await.unwrap();
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            publisher.publish(event(2)).await.unwrap();
+            publisher.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            publisher.publish(event(3)).await.unwrap();
+            publisher.flush().await.unwrap();
+            publisher
+        });
+        let began = tokio::time::Instant::now();
+        let batch = subscription
+            .next_batch(10, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .unwrap();
+        let payloads: Vec<&str> = batch.iter().map(|d| d.payload.as_str()).collect();
+        assert_eq!(payloads, ["event 1", "event 2"]);
+        let waited = began.elapsed();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        assert!(waited < Duration::from_millis(400), "{waited:?}");
+        // Without a linger, what is there goes at once.
+        let _publisher = late.await.unwrap();
+        let batch = subscription
+            .next_batch(10, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].payload, "event 3");
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_does_not_linger() {
+        let (mut publisher, mut subscription) = channel(4, 2);
+        for n in 0..2 {
+            publisher.publish(event(n)).await.unwrap();
+        }
+        let began = tokio::time::Instant::now();
+        let batch = subscription
+            .next_batch(2, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch.len(), 2);
+        assert!(began.elapsed() < Duration::from_secs(5));
     }
 }
