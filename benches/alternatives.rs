@@ -6,7 +6,11 @@
 //!   and without an index on the group column);
 //! * **source overhead**: source transactions per second with no
 //!   aggregation, with the aggregate kept by a PL/pgSQL trigger in the same
-//!   transaction, and with Tally capturing and applying (`tally run`);
+//!   transaction, and with Tally capturing and applying (`tally run`), with
+//!   the CPU time each part used per transaction; in two layouts (`split`:
+//!   the source and its writers on half the CPUs, Tally and its target on
+//!   the other half, as on two machines; `shared`: all on all CPUs) and two
+//!   shapes of aggregate (per customer; per customer and a global total);
 //! * **bootstrap**: rows per second of `tally bootstrap` (and of the apply
 //!   of its output, which builds the views);
 //! * **memory**: peak RSS of `tally run` while it streams a run of changes.

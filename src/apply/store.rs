@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use futures::future::{BoxFuture, try_join_all};
 use serde_json::Value;
 use tokio_postgres::{Statement, Transaction};
 
@@ -129,15 +130,40 @@ pub async fn write_batch(
     tables.extend(batch.truncates.keys());
     tables.sort();
     tables.dedup();
-    let mut watermarks: HashMap<&TableName, OrderKey> = HashMap::new();
-    let mut vacuum_horizons: HashMap<&TableName, u64> = HashMap::new();
-    for table in tables {
-        let statement = if batch.truncates.contains_key(table) {
+    let table_texts: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+    let watermark_reads = tables.iter().zip(&table_texts).map(|(table, text)| {
+        let statement = if batch.truncates.contains_key(*table) {
             &statements.lock_watermark_exclusive
         } else {
             &statements.lock_watermark_shared
         };
-        let row = tx.query_opt(statement, &[&table.to_string()]).await?;
+        async move { tx.query_opt(statement, &[text]).await }
+    });
+    // The changed rows' ledger keys. Without truncates their lock needs
+    // nothing read before it, so it goes in the same round trip as the
+    // watermark locks (sent, and so run, after them); a truncate must
+    // tombstone rows first, so then it waits until step 3.
+    let change_tables: Vec<String> = batch
+        .changes
+        .iter()
+        .map(|c| c.id.table.to_string())
+        .collect();
+    let change_pks: Vec<&str> = batch.changes.iter().map(|c| c.id.pk.as_str()).collect();
+    let lock_early = !batch.changes.is_empty() && batch.truncates.is_empty();
+    let early_ledger_lock = async {
+        if lock_early {
+            tx.query(&statements.lock_ledger_rows, &[&change_tables, &change_pks])
+                .await
+                .map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let (watermark_rows, mut stored_rows) =
+        futures::future::try_join(try_join_all(watermark_reads), early_ledger_lock).await?;
+    let mut watermarks: HashMap<&TableName, OrderKey> = HashMap::new();
+    let mut vacuum_horizons: HashMap<&TableName, u64> = HashMap::new();
+    for (table, row) in tables.into_iter().zip(watermark_rows) {
         let key = row
             .as_ref()
             .map(|r| OrderKey::new(from_db(r.get(0)), from_db(r.get(1))))
@@ -181,17 +207,17 @@ pub async fn write_batch(
         stats.truncates += 1;
     }
 
-    // 3. Lock and read the stored rows, guard each change, write the ledger.
+    // 3. Lock and read the stored rows (unless done above), guard each
+    //    change, gather the ledger write.
+    let mut write = LedgerWrite::default();
     if !batch.changes.is_empty() {
-        let tables: Vec<String> = batch
-            .changes
-            .iter()
-            .map(|c| c.id.table.to_string())
-            .collect();
-        let pks: Vec<&str> = batch.changes.iter().map(|c| c.id.pk.as_str()).collect();
-        let stored_rows = tx
-            .query(&statements.lock_ledger_rows, &[&tables, &pks])
-            .await?;
+        let stored_rows = match stored_rows.take() {
+            Some(rows) => rows,
+            None => {
+                tx.query(&statements.lock_ledger_rows, &[&change_tables, &change_pks])
+                    .await?
+            }
+        };
         let mut stored: HashMap<(String, String), LedgerRow> =
             HashMap::with_capacity(stored_rows.len());
         for row in stored_rows {
@@ -204,8 +230,7 @@ pub async fn write_batch(
                 },
             );
         }
-        let mut write = LedgerWrite::default();
-        for (change, table_text) in batch.changes.iter().zip(&tables) {
+        for (change, table_text) in batch.changes.iter().zip(&change_tables) {
             let current = stored
                 .get(&(table_text.clone(), change.id.pk.clone()))
                 .unwrap_or(&LedgerRow::ABSENT);
@@ -230,19 +255,6 @@ pub async fn write_batch(
                 }
             }
         }
-        if !write.pks.is_empty() {
-            tx.execute(
-                &statements.write_ledger_rows,
-                &[
-                    &write.tables,
-                    &write.pks,
-                    &write.commit_lsns,
-                    &write.lsns,
-                    &write.cols,
-                ],
-            )
-            .await?;
-        }
     }
 
     // 4. View deltas, views in name order, groups in key order.
@@ -254,36 +266,66 @@ pub async fn write_batch(
     }
     view_work.sort_by_key(|(name, _)| *name);
     let mut changed: Vec<&str> = Vec::new();
-    for (name, (old, new)) in view_work {
-        let (delta, delete_empty) = &statements.views[name];
-        tx.execute(delta, &[old, new]).await?;
-        if let Some(delete_empty) = delete_empty {
-            tx.execute(delete_empty, &[]).await?;
-        }
-        if changed.last() != Some(&name) {
+    for (name, _) in &view_work {
+        if changed.last() != Some(name) {
             changed.push(name);
         }
     }
-    if !changed.is_empty() {
-        tx.execute(
-            &statements.notify_views,
-            &[&VIEWS_CHANNEL, &changed.join(",")],
-        )
-        .await?;
-    }
+    let changed = changed.join(",");
 
     // 5. Dead letters, in the same transaction as the batch they came with.
+    let dead_tables: Vec<Option<String>> = dead_letters.iter().map(|d| d.table.clone()).collect();
+    let dead_reasons: Vec<&str> = dead_letters.iter().map(|d| d.reason.as_str()).collect();
+    let dead_payloads: Vec<&str> = dead_letters.iter().map(|d| d.payload.as_str()).collect();
+
+    // Every write of steps 3 to 5 depends on nothing it returns, so they go
+    // out in one round trip (Postgres runs them in the order sent; the
+    // first error fails the batch, as one at a time would).
+    let mut writes: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
+    if !write.pks.is_empty() {
+        let write = &write;
+        writes.push(Box::pin(async move {
+            tx.execute(
+                &statements.write_ledger_rows,
+                &[
+                    &write.tables,
+                    &write.pks,
+                    &write.commit_lsns,
+                    &write.lsns,
+                    &write.cols,
+                ],
+            )
+            .await
+        }));
+    }
+    for (name, (old, new)) in &view_work {
+        let (delta, delete_empty) = &statements.views[*name];
+        writes.push(Box::pin(
+            async move { tx.execute(delta, &[old, new]).await },
+        ));
+        if let Some(delete_empty) = delete_empty {
+            writes.push(Box::pin(tx.execute(delete_empty, &[])));
+        }
+    }
+    if !changed.is_empty() {
+        let changed = &changed;
+        writes.push(Box::pin(async move {
+            tx.execute(&statements.notify_views, &[&VIEWS_CHANNEL, changed])
+                .await
+        }));
+    }
     if !dead_letters.is_empty() {
-        let tables: Vec<Option<String>> = dead_letters.iter().map(|d| d.table.clone()).collect();
-        let reasons: Vec<&str> = dead_letters.iter().map(|d| d.reason.as_str()).collect();
-        let payloads: Vec<&str> = dead_letters.iter().map(|d| d.payload.as_str()).collect();
-        tx.execute(
-            &statements.insert_dead_letters,
-            &[&tables, &reasons, &payloads],
-        )
-        .await?;
+        let (tables, reasons, payloads) = (&dead_tables, &dead_reasons, &dead_payloads);
+        writes.push(Box::pin(async move {
+            tx.execute(
+                &statements.insert_dead_letters,
+                &[tables, reasons, payloads],
+            )
+            .await
+        }));
         stats.dead_lettered += dead_letters.len() as u64;
     }
+    try_join_all(writes).await?;
     Ok(stats)
 }
 

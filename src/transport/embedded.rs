@@ -46,6 +46,8 @@ struct Inbox {
     batches: mpsc::Receiver<Batch>,
     retries: mpsc::UnboundedReceiver<Retry>,
     closed: bool,
+    /// Deliveries taken from the queue for a batch not yet returned.
+    gathered: Vec<Delivery>,
 }
 
 /// State shared by every applier's subscription.
@@ -92,6 +94,7 @@ pub fn channel(capacity: usize, batch_size: usize) -> (EmbeddedPublisher, Embedd
                     batches,
                     retries,
                     closed: false,
+                    gathered: Vec::new(),
                 }),
                 retry_sender,
                 progress: SyncMutex::new((0, BTreeSet::new())),
@@ -224,6 +227,10 @@ impl Subscription for EmbeddedSubscription {
     /// as there is room, so without the wait a busy source would be applied
     /// in many tiny target transactions, each paying for its own statements
     /// and commit.
+    ///
+    /// Cancel-safe (the chaos layer drops this future when a held-back
+    /// delivery falls due): what was gathered waits in the inbox for the
+    /// next call, of this applier or another.
     async fn next_batch(
         &mut self,
         max: usize,
@@ -231,42 +238,54 @@ impl Subscription for EmbeddedSubscription {
     ) -> Result<Option<Vec<Delivery>>, TransportError> {
         let shared = &self.shared;
         let mut inbox = shared.inbox.lock().await;
-        let mut out = Vec::new();
+        let Inbox {
+            batches,
+            retries,
+            closed,
+            gathered,
+        } = &mut *inbox;
         loop {
-            while out.len() < max {
-                match inbox.retries.try_recv() {
+            while gathered.len() < max {
+                match retries.try_recv() {
                     Ok(retry) => {
-                        out.push(shared.deliver(retry.payload, retry.delivered, retry.ticket))
+                        gathered.push(shared.deliver(retry.payload, retry.delivered, retry.ticket))
                     }
                     Err(_) => break,
                 }
             }
-            while out.len() < max && !inbox.closed {
-                match inbox.batches.try_recv() {
-                    Ok(batch) => self.take_batch(batch, &mut out),
+            while gathered.len() < max && !*closed {
+                match batches.try_recv() {
+                    Ok(batch) => self.take_batch(batch, gathered),
                     Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => inbox.closed = true,
+                    Err(mpsc::error::TryRecvError::Disconnected) => *closed = true,
                 }
             }
-            if !out.is_empty() {
-                self.linger(&mut inbox, &mut out, max, linger).await;
-                return Ok(Some(out));
+            if !gathered.is_empty() {
+                let deadline = tokio::time::Instant::now() + linger;
+                while gathered.len() < max && !*closed {
+                    tokio::select! {
+                        batch = batches.recv() => match batch {
+                            Some(batch) => self.take_batch(batch, gathered),
+                            None => *closed = true,
+                        },
+                        retry = retries.recv() => if let Some(retry) = retry {
+                            gathered.push(shared.deliver(retry.payload, retry.delivered, retry.ticket));
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                return Ok(Some(std::mem::take(gathered)));
             }
-            if inbox.closed && shared.outstanding.load(Ordering::SeqCst) == 0 {
+            if *closed && shared.outstanding.load(Ordering::SeqCst) == 0 {
                 return Ok(None);
             }
-            let Inbox {
-                batches,
-                retries,
-                closed,
-            } = &mut *inbox;
             tokio::select! {
                 batch = batches.recv(), if !*closed => match batch {
-                    Some(batch) => self.take_batch(batch, &mut out),
+                    Some(batch) => self.take_batch(batch, gathered),
                     None => *closed = true,
                 },
                 retry = retries.recv() => if let Some(retry) = retry {
-                    out.push(shared.deliver(retry.payload, retry.delivered, retry.ticket));
+                    gathered.push(shared.deliver(retry.payload, retry.delivered, retry.ticket));
                 },
                 // Others' deliveries may still come back refused.
                 _ = tokio::time::sleep(Duration::from_millis(50)), if *closed => {}
@@ -276,34 +295,6 @@ impl Subscription for EmbeddedSubscription {
 }
 
 impl EmbeddedSubscription {
-    /// Adds what arrives within `linger` to `out`, up to `max`.
-    async fn linger(
-        &self,
-        inbox: &mut Inbox,
-        out: &mut Vec<Delivery>,
-        max: usize,
-        linger: Duration,
-    ) {
-        let deadline = tokio::time::Instant::now() + linger;
-        let Inbox {
-            batches,
-            retries,
-            closed,
-        } = inbox;
-        while out.len() < max && !*closed {
-            tokio::select! {
-                batch = batches.recv() => match batch {
-                    Some(batch) => self.take_batch(batch, out),
-                    None => *closed = true,
-                },
-                retry = retries.recv() => if let Some(retry) = retry {
-                    out.push(self.shared.deliver(retry.payload, retry.delivered, retry.ticket));
-                },
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-    }
-
     fn take_batch(&self, batch: Batch, out: &mut Vec<Delivery>) {
         if batch.messages.is_empty() {
             self.shared.batch_acknowledged(batch.sequence);
@@ -435,5 +426,28 @@ mod tests {
             .unwrap();
         assert_eq!(batch.len(), 2);
         assert!(began.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_linger_loses_nothing() {
+        let (mut publisher, mut subscription) = channel(4, 100);
+        publisher.publish(event(1)).await.unwrap();
+        publisher.flush().await.unwrap();
+        // Cancelled while lingering, with event 1 already taken.
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(50),
+            subscription.next_batch(10, Duration::from_secs(60)),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        publisher.publish(event(2)).await.unwrap();
+        publisher.flush().await.unwrap();
+        let batch = subscription
+            .next_batch(10, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        let payloads: Vec<&str> = batch.iter().map(|d| d.payload.as_str()).collect();
+        assert_eq!(payloads, ["event 1", "event 2"]);
     }
 }
