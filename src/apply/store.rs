@@ -4,9 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use futures::future::{BoxFuture, try_join_all};
+use std::task::Poll;
+
+use futures::future::BoxFuture;
 use serde_json::Value;
-use tokio_postgres::{Statement, Transaction};
+use tokio_postgres::{Row as PgRow, Statement, Transaction};
 
 use super::core::{Coalesced, LedgerRow, RowId, Verdict, effective_watermark, transition};
 use super::{ApplyStats, DeadLetter, Model};
@@ -131,36 +133,36 @@ pub async fn write_batch(
     tables.sort();
     tables.dedup();
     let table_texts: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
-    let watermark_reads = tables.iter().zip(&table_texts).map(|(table, text)| {
-        let statement = if batch.truncates.contains_key(*table) {
-            &statements.lock_watermark_exclusive
-        } else {
-            &statements.lock_watermark_shared
-        };
-        async move { tx.query_opt(statement, &[text]).await }
-    });
-    // The changed rows' ledger keys. Without truncates their lock needs
-    // nothing read before it, so it goes in the same round trip as the
-    // watermark locks (sent, and so run, after them); a truncate must
-    // tombstone rows first, so then it waits until step 3.
     let change_tables: Vec<String> = batch
         .changes
         .iter()
         .map(|c| c.id.table.to_string())
         .collect();
     let change_pks: Vec<&str> = batch.changes.iter().map(|c| c.id.pk.as_str()).collect();
-    let lock_early = !batch.changes.is_empty() && batch.truncates.is_empty();
-    let early_ledger_lock = async {
-        if lock_early {
-            tx.query(&statements.lock_ledger_rows, &[&change_tables, &change_pks])
-                .await
-                .map(Some)
+    let mut reads: Vec<BoxFuture<'_, Result<Vec<PgRow>, tokio_postgres::Error>>> = Vec::new();
+    for (table, text) in tables.iter().zip(&table_texts) {
+        let statement = if batch.truncates.contains_key(*table) {
+            &statements.lock_watermark_exclusive
         } else {
-            Ok(None)
-        }
-    };
-    let (watermark_rows, mut stored_rows) =
-        futures::future::try_join(try_join_all(watermark_reads), early_ledger_lock).await?;
+            &statements.lock_watermark_shared
+        };
+        reads.push(Box::pin(async move { tx.query(statement, &[text]).await }));
+    }
+    // The changed rows' ledger keys. Without truncates their lock needs
+    // nothing read before it, so it goes in the same round trip as the
+    // watermark locks (sent, and so run, after them); a truncate must
+    // tombstone rows first, so then it waits until step 3.
+    let lock_early = !batch.changes.is_empty() && batch.truncates.is_empty();
+    if lock_early {
+        let (change_tables, change_pks) = (&change_tables, &change_pks);
+        reads.push(Box::pin(async move {
+            tx.query(&statements.lock_ledger_rows, &[change_tables, change_pks])
+                .await
+        }));
+    }
+    let mut read_rows = pipelined(reads).await?;
+    let mut stored_rows = if lock_early { read_rows.pop() } else { None };
+    let watermark_rows = read_rows.into_iter().map(|rows| rows.into_iter().next());
     let mut watermarks: HashMap<&TableName, OrderKey> = HashMap::new();
     let mut vacuum_horizons: HashMap<&TableName, u64> = HashMap::new();
     for (table, row) in tables.into_iter().zip(watermark_rows) {
@@ -325,8 +327,38 @@ pub async fn write_batch(
         }));
         stats.dead_lettered += dead_letters.len() as u64;
     }
-    try_join_all(writes).await?;
+    pipelined(writes).await?;
     Ok(stats)
+}
+
+/// Awaits `requests` together, polling each first in the order given:
+/// tokio-postgres sends a request when its future is first polled, so the
+/// server receives, and runs, them in this order, in one round trip.
+/// Returns their results in order, or the first error.
+async fn pipelined<T>(
+    mut requests: Vec<BoxFuture<'_, Result<T, tokio_postgres::Error>>>,
+) -> Result<Vec<T>, tokio_postgres::Error> {
+    let mut results: Vec<Option<T>> = requests.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (request, result) in requests.iter_mut().zip(results.iter_mut()) {
+            if result.is_some() {
+                continue;
+            }
+            match request.as_mut().poll(cx) {
+                Poll::Ready(Ok(value)) => *result = Some(value),
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => waiting = true,
+            }
+        }
+        if waiting {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    })
+    .await?;
+    Ok(results.into_iter().flatten().collect())
 }
 
 fn into_row(value: Value) -> Option<Row> {
@@ -353,5 +385,59 @@ impl LedgerWrite {
         self.commit_lsns.push(to_db(key.commit_lsn));
         self.lsns.push(to_db(key.lsn));
         self.cols.push(image.map(Value::Object));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgcluster::PgCluster;
+
+    /// Requests reach the server in the order given, however many there
+    /// are, and the first failure is the result.
+    #[tokio::test]
+    async fn pipelined_requests_run_in_the_order_given() {
+        let cluster = tokio::task::spawn_blocking(PgCluster::start)
+            .await
+            .unwrap()
+            .unwrap();
+        let client = crate::db::connect(&cluster.url("postgres")).await.unwrap();
+        client
+            .batch_execute("CREATE TABLE seen (at serial PRIMARY KEY, n int NOT NULL)")
+            .await
+            .unwrap();
+        let insert = client
+            .prepare("INSERT INTO seen (n) VALUES ($1)")
+            .await
+            .unwrap();
+        let numbers: Vec<i32> = (0..100).rev().collect();
+        let requests: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = numbers
+            .iter()
+            .map(|n| {
+                let (client, insert) = (&client, &insert);
+                Box::pin(async move { client.execute(insert, &[n]).await }) as BoxFuture<'_, _>
+            })
+            .collect();
+        assert_eq!(pipelined(requests).await.unwrap(), vec![1; 100]);
+        let stored: Vec<i32> = client
+            .query("SELECT n FROM seen ORDER BY at", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(stored, numbers);
+
+        let failing: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = vec![
+            Box::pin(client.execute("SELECT 1", &[])),
+            Box::pin(client.execute("SELECT 1/0", &[])),
+            Box::pin(client.execute("SELECT 2", &[])),
+        ];
+        let error = pipelined(failing).await.unwrap_err();
+        assert_eq!(
+            error.as_db_error().map(|e| e.message()),
+            Some("division by zero"),
+            "{error:?}"
+        );
     }
 }
