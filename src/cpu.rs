@@ -43,15 +43,20 @@ fn cpu_set(cpus: &[usize]) -> io::Result<libc::cpu_set_t> {
     Ok(set)
 }
 
-/// Pins the calling thread (and the threads it starts later) to `cpus`.
-pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
-    let set = cpu_set(cpus)?;
+/// Restricts the calling thread to `set`: one system call, no allocation,
+/// so it may also run between fork and exec.
+fn set_affinity(set: &libc::cpu_set_t) -> io::Result<()> {
     // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Pins the calling thread (and the threads it starts later) to `cpus`.
+pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
+    set_affinity(&cpu_set(cpus)?)
 }
 
 /// Makes the process `command` starts (and everything it forks, such as a
@@ -65,12 +70,7 @@ pub fn pin_command(command: &mut Command, cpus: &[usize]) -> io::Result<()> {
     // SAFETY: the closure runs in the forked child before exec and makes one
     // async-signal-safe system call on a set built before the fork.
     unsafe {
-        command.pre_exec(move || {
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        command.pre_exec(move || set_affinity(&set));
     }
     Ok(())
 }

@@ -350,25 +350,28 @@ impl PgCluster {
     /// over a run to see what a workload cost this server.
     pub fn cpu_seconds(&self) -> Option<f64> {
         let postmaster = self.postmaster_pid()?;
-        let running: f64 = child_pids(postmaster)
-            .into_iter()
-            .filter_map(|pid| crate::cpu::process_cpu_seconds(pid, false))
-            .sum();
-        Some(crate::cpu::process_cpu_seconds(postmaster, true)? + running)
+        Some(
+            crate::cpu::process_cpu_seconds(postmaster, true)?
+                + self.running_cpu_seconds(|_| true)?,
+        )
     }
 
     /// CPU seconds of the server's running processes whose title holds
     /// `title` (`walsender`, `checkpointer`, a database's name): the part of
     /// [`cpu_seconds`](Self::cpu_seconds) one kind of process used.
     pub fn cpu_seconds_of(&self, title: &str) -> Option<f64> {
-        let postmaster = self.postmaster_pid()?;
+        self.running_cpu_seconds(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(title))
+        })
+    }
+
+    /// CPU seconds of the postmaster's running children that `keep` picks.
+    fn running_cpu_seconds(&self, keep: impl Fn(u32) -> bool) -> Option<f64> {
         Some(
-            child_pids(postmaster)
+            child_pids(self.postmaster_pid()?)
                 .into_iter()
-                .filter(|pid| {
-                    fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(title))
-                })
+                .filter(|&pid| keep(pid))
                 .filter_map(|pid| crate::cpu::process_cpu_seconds(pid, false))
                 .sum(),
         )

@@ -3,7 +3,6 @@
 //! constants below; values are always bound as parameters.
 
 use std::collections::{BTreeMap, HashMap};
-
 use std::task::Poll;
 
 use futures::future::BoxFuture;
