@@ -178,6 +178,10 @@ pub struct CaptureStats {
     pub sessions: u64,
 }
 
+/// How long after start a slot still active (a killed predecessor's
+/// walsender) is waited for before it is reported as in use.
+const SLOT_RELEASE_GRACE: Duration = Duration::from_secs(3);
+
 /// How often the slot is confirmed while changes flow.
 const CONFIRM_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -195,24 +199,35 @@ pub async fn stream_changes<S: Publisher + Send>(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = Duration::from_millis(250);
     // A slot still held by our own previous session (its walsender has not
-    // noticed the closed connection yet) is waited for, not reported.
+    // noticed the closed connection yet) is waited for, not reported; so is
+    // one held for a moment after start, when the previous process was
+    // killed just before (its walsender goes away within a few hundred ms).
+    // A slot another capture keeps is reported once the grace is over.
     let mut reconnecting = false;
+    let started = tokio::time::Instant::now();
     loop {
         let sessions_before = stats.sessions;
         let session = stream_session(source_url, config, database, sink, &mut stats);
         tokio::select! {
             result = session => match result {
                 Ok(()) => return Ok(stats),
-                Err(err) if is_retryable(&err) || (reconnecting && matches!(err, CaptureError::SlotActive { .. })) => {
+                Err(err) if is_retryable(&err)
+                    || (matches!(err, CaptureError::SlotActive { .. })
+                        && (reconnecting || started.elapsed() < SLOT_RELEASE_GRACE)) => {
                     if stats.sessions > sessions_before {
                         // The last session had streamed: a new failure.
                         reconnecting = false;
                         backoff = Duration::from_millis(250);
                     }
-                    if !reconnecting {
-                        tracing::warn!("{err}; reconnecting with backoff, resuming from the slot's confirmed position");
+                    if is_retryable(&err) {
+                        if !reconnecting {
+                            tracing::warn!("{err}; reconnecting with backoff, resuming from the slot's confirmed position");
+                        }
+                        reconnecting = true;
+                    } else if !reconnecting {
+                        // At start: the grace runs out unless the slot is freed.
+                        tracing::info!("{err}; waiting up to {SLOT_RELEASE_GRACE:?} for it to be released");
                     }
-                    reconnecting = true;
                     // Whatever is not durable is sent again from the slot.
                     if let Err(err) = sink.make_durable().await {
                         tracing::debug!("while reconnecting: {err}");
